@@ -1,0 +1,138 @@
+"""Configuration: dataclass schemas merged with YAML files and ``key=value`` overrides (OmegaConf).
+
+Every stage reads one schema. ``load_config(Schema, path, overrides)`` fails fast, naming the key and
+the file, on unknown keys, wrong types and values outside a field's ``choices``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Type, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+FUSION_MODES = ("sfa", "sequential", "content_only", "quality_only")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is wrong; the message names the key and where it came from."""
+
+
+def choice(default: str, choices: Sequence[str], doc: str) -> Any:
+    return field(default=default, metadata={"choices": tuple(choices), "doc": doc})
+
+
+def doc(default: Any, text: str) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass
+class ModelConfig:
+    """What to build: the base Stable Diffusion parts and the XPSR additions."""
+
+    base: str = doc("tiny", "'tiny' (random tiny model built in code), a local diffusers folder, or a hub id")
+    revision: Optional[str] = doc(None, "hub revision when `base` is a hub id")
+    fusion_mode: str = choice("sfa", FUSION_MODES, "how content and quality prompts meet (README: Fusion modes)")
+    sfa_down_blocks: Optional[List[int]] = doc(None, "ControlNet down blocks with SFA; null = every cross-attention block")
+    sfa_mid: bool = doc(True, "SFA in the ControlNet mid block")
+    unet_sfa: bool = doc(False, "also put SFA into the UNet's cross-attention blocks (not in the paper)")
+    pixel_attention: bool = doc(True, "pixel-aware attention in every UNet up-block layer")
+    pixel_attention_init: str = choice("zero", ("zero", "random"),
+                                       "'zero': proj_out starts at 0 so the UNet starts unchanged; 'random': official")
+    dfc_pixel_heads: bool = doc(True, "RGB side outputs of the conditioning embedding (pixel-space DFC)")
+    dfc_latent_heads: bool = doc(True, "one 3x3 conv per ControlNet residual to latent channels (latent-space DFC)")
+    rrdb: bool = doc(False, "two RRDBs after the conditioning embedding's first conv (official `use_rrdb`)")
+    conditioning_channels: List[int] = doc([16, 32, 96, 256], "conditioning-embedding widths (3 stride-2 stages)")
+    gradient_checkpointing: bool = doc(False, "recompute activations in backward (enabled after injection)")
+    seed: int = doc(0, "seed for the tiny preset and for freshly initialised XPSR weights")
+
+
+@dataclass
+class DemoConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    output_dir: Optional[str] = doc(None, "where to write results (the model summary for now); null = print only")
+
+
+@dataclass
+class BenchConfig:
+    what: str = choice("train", ("train",), "what to time: one training step (forward + backward + AdamW)")
+    preset: str = choice("tiny", ("tiny", "sd15", "sd21"), "model shapes; sd15/sd21 use random weights")
+    resolution: int = doc(64, "HR image size in pixels (latents are 1/8)")
+    batch_size: int = doc(2, "images per step")
+    steps: int = doc(5, "timed steps")
+    warmup: int = doc(2, "untimed steps first")
+    device: str = doc("auto", "'auto', 'cpu' or 'cuda'")
+    dtype: str = choice("fp32", ("fp32", "bf16", "fp16"), "autocast dtype of the forward (trainable weights stay fp32)")
+    gradient_checkpointing: bool = doc(False, "recompute activations in backward")
+    compile: bool = doc(False, "torch.compile the UNet and ControlNet")
+    fusion_mode: str = choice("sfa", FUSION_MODES, "fusion mode of the benchmarked model")
+    seed: int = doc(0, "random seed")
+
+
+# configs/<folder>/*.yaml are validated against these schemas (tests load every file).
+SCHEMAS: dict[str, type] = {"model": ModelConfig, "demo": DemoConfig, "bench": BenchConfig}
+
+
+def _check_choices(obj: Any, source: str, prefix: str = "") -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, source, key + ".")
+        elif "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise ConfigError(f"{source}: key '{key}' = {value!r} is not one of {list(f.metadata['choices'])}")
+
+
+def load_config(schema: Type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Defaults of ``schema`` <- YAML at ``path`` <- ``key=value`` overrides; returns a ``schema`` instance."""
+    merged = OmegaConf.structured(schema)
+    source = "defaults"
+    try:
+        if path is not None:
+            path = Path(path)
+            source = str(path)
+            if not path.is_file():
+                raise ConfigError(f"config file {path} does not exist")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key=value, got {bad}")
+        if overrides:
+            source = f"{source} + overrides {list(overrides)}" if path else f"overrides {list(overrides)}"
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or getattr(e, "key", None)
+        reason = str(e).splitlines()[0]
+        raise ConfigError(f"{source}: bad key '{key}': {reason}") from None
+    obj = OmegaConf.to_object(merged)
+    _check_choices(obj, source)
+    return obj  # type: ignore[return-value]
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain, JSON-serialisable dict of a config dataclass."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def describe(schema: type, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(key, default, doc) for every leaf of ``schema``: what `--help` prints."""
+    rows = []
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}{f.name}"
+        ftype = f.type if isinstance(f.type, type) else None
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory()):
+            rows += describe(type(f.default_factory()), key + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = f.metadata.get("doc", "")
+        if "choices" in f.metadata:
+            text += f" {{{'|'.join(f.metadata['choices'])}}}"
+        rows.append((key, default, text))
+        del ftype
+    return rows

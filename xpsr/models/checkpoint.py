@@ -1,0 +1,147 @@
+"""Checkpoints: only the trained weights, as safetensors, with the resolved config in the metadata."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+FORMAT = "xpsr-trained-v1"
+
+
+class CheckpointMismatchError(KeyError):
+    """A state dict does not fit the model; the message lists missing, unexpected and mis-shaped keys."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def _listing(title: str, keys: list[str], limit: int = 15) -> str:
+    if not keys:
+        return ""
+    shown = "\n".join(f"    {k}" for k in keys[:limit])
+    more = f"\n    ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"\n  {title} ({len(keys)}):\n{shown}{more}"
+
+
+def check_keys(expected: dict[str, torch.Size], given: dict[str, torch.Tensor], what: str) -> None:
+    """Raise :class:`CheckpointMismatchError` unless ``given`` has exactly the keys and shapes of ``expected``."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    shapes = sorted(f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(expected[k])}"
+                    for k in set(expected) & set(given) if tuple(given[k].shape) != tuple(expected[k]))
+    if missing or unexpected or shapes:
+        raise CheckpointMismatchError(
+            f"{what} does not match the model:"
+            + _listing("missing keys", missing) + _listing("unexpected keys", unexpected)
+            + _listing("shape mismatches", shapes)
+        )
+
+
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """``load_state_dict`` with a readable error when keys or shapes differ."""
+    check_keys({k: v.shape for k, v in module.state_dict().items()}, state, what)
+    module.load_state_dict(state, strict=True)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def trained_state_dict(unet: nn.Module, controlnet: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights training changes: the whole ControlNet and the UNet's XPSR additions."""
+    from xpsr.models.build import unet_trainable_names
+
+    state = {f"controlnet.{k}": v for k, v in controlnet.state_dict().items()}
+    unet_state = unet.state_dict()
+    state.update({f"unet.{k}": unet_state[k] for k in unet_trainable_names(unet)})
+    return state
+
+
+def save_trained(path: str | Path, unet: nn.Module, controlnet: nn.Module, config: dict[str, Any]) -> Path:
+    """Write the trained weights to ``path`` (one safetensors file), the resolved config in its metadata."""
+    path = Path(path)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in trained_state_dict(unet, controlnet).items()}
+    _atomic_save(tensors, path, {"format": FORMAT, "config": json.dumps(config, sort_keys=True)})
+    return path
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The config stored in a checkpoint written by :func:`save_trained`."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an xpsr checkpoint (format={meta.get('format')!r})")
+    return json.loads(meta["config"])
+
+
+def load_trained(path: str | Path, unet: nn.Module, controlnet: nn.Module) -> dict[str, Any]:
+    """Load weights written by :func:`save_trained` into models built with the same config (strict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    config = read_config(path)
+    state = load_file(str(path))
+    expected = {k: v.shape for k, v in trained_state_dict(unet, controlnet).items()}
+    check_keys(expected, state, f"checkpoint {path}")
+    controlnet.load_state_dict({k[len("controlnet."):]: v for k, v in state.items() if k.startswith("controlnet.")})
+    unet.load_state_dict({k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}, strict=False)
+    return config
+
+
+def export_diffusers(output_dir: str | Path, unet: nn.Module, controlnet: nn.Module, model_config: dict) -> Path:
+    """Write ``unet/`` and ``controlnet/`` folders (config.json + diffusion_pytorch_model.safetensors).
+
+    Stock ``ControlNetModel.from_pretrained`` reads the base weights from them (and reports the XPSR keys
+    as unexpected); :func:`load_exported` rebuilds the full XPSR modules.
+    """
+    output_dir = Path(output_dir)
+    for name, model, cls in (("unet", unet, "UNet2DConditionModel"), ("controlnet", controlnet, "ControlNetModel")):
+        folder = output_dir / name
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+        config.update({"_class_name": cls, "xpsr": model_config})
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+        _atomic_save(tensors, folder / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+    return output_dir
+
+
+def load_exported(folder: str | Path):
+    """Rebuild ``(unet, controlnet, model_config)`` from a folder written by :func:`export_diffusers`."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from xpsr.config import ModelConfig
+    from xpsr.models.build import inject_xpsr
+
+    folder = Path(folder)
+    configs = {}
+    for name in ("unet", "controlnet"):
+        f = folder / name / "config.json"
+        if not f.is_file():
+            raise FileNotFoundError(f"{folder} is not an exported XPSR model: {f} is missing")
+        configs[name] = json.loads(f.read_text())
+    xpsr_cfg = configs["controlnet"].pop("xpsr")
+    configs["unet"].pop("xpsr", None)
+    model_config = ModelConfig(**xpsr_cfg)
+    unet = UNet2DConditionModel.from_config(configs["unet"])
+    controlnet = ControlNetModel.from_config(configs["controlnet"])
+    unet, controlnet = inject_xpsr(unet, controlnet, model_config)
+    for name, model in (("unet", unet), ("controlnet", controlnet)):
+        state = load_file(str(folder / name / "diffusion_pytorch_model.safetensors"))
+        load_strict(model, state, f"{folder / name}")
+    return unet, controlnet, model_config

@@ -1,0 +1,20 @@
+"""One XPSR noise prediction: ControlNet (SFA + DFC heads) then the UNet with its residuals."""
+from __future__ import annotations
+
+import torch
+
+from xpsr.models.controlnet import XPSRControlNetOutput
+
+
+def predict_noise(unet, controlnet, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                  content_embeds: torch.Tensor, quality_embeds: torch.Tensor | None, lr_cond: torch.Tensor,
+                  conditioning_scale: float = 1.0) -> tuple[torch.Tensor, XPSRControlNetOutput]:
+    """Return ``(UNet output, ControlNet output)``; ``lr_cond`` is the LR image upsampled to HR size in [0, 1]."""
+    control = controlnet(noisy_latents, timesteps, encoder_hidden_states=content_embeds,
+                         controlnet_cond=lr_cond, quality_embeds=quality_embeds,
+                         conditioning_scale=conditioning_scale)
+    extra = {"quality_embeds": quality_embeds} if hasattr(unet, "_route_residuals") else {}
+    sample = unet(noisy_latents, timesteps, encoder_hidden_states=content_embeds,
+                  down_block_additional_residuals=control.down_block_res_samples,
+                  mid_block_additional_residual=control.mid_block_res_sample, **extra).sample
+    return sample, control

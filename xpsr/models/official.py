@@ -1,0 +1,128 @@
+"""Import of the official XPSR checkpoint format into our modules.
+
+The official release forks diffusers' UNet/ControlNet classes; its weights use key names such as
+``down_blocks.N.attentions_lowlevel.M.*`` and its configs carry extra entries (``use_lowlevel_prompt``,
+``return_rgbs`` ...). We build stock diffusers models from the configs, inject the XPSR modules the extras
+ask for, rename the keys and load strictly.
+
+Accepted layouts:
+* ``DIR/official_config.json`` (``{"unet": {...}, "controlnet": {...}}``) + ``DIR/official_unet.safetensors``
+  + ``DIR/official_controlnet.safetensors`` (our golden test data);
+* ``DIR/unet/`` and ``DIR/controlnet/``, each with ``config.json`` and ``diffusion_pytorch_model.safetensors``
+  (or ``.bin``, read with ``torch.load(weights_only=True)``) -- how the released checkpoints are saved.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import ControlNetModel, UNet2DConditionModel
+from safetensors.torch import load_file
+
+from xpsr.config import ModelConfig
+from xpsr.models.checkpoint import load_strict
+from xpsr.models.controlnet import XPSRControlNet, as_xpsr_controlnet
+from xpsr.models.pixel_attention import XPSRUNet, as_xpsr_unet, inject_pixel_attention
+from xpsr.models.sfa import inject_sfa
+
+UNET_EXTRAS = ("up_use_lowlevel_prompt", "mid_use_lowlevel_prompt", "down_use_lowlevel_prompt")
+CONTROLNET_EXTRAS = ("return_rgbs", "use_rrdb", "use_lowlevel_prompt", "use_latent_pred")
+
+# official key pattern -> ours (applied in order, first match wins)
+_RENAMES = [
+    (re.compile(r"^(.*)\.attentions_lowlevel\.(\d+)\.(.*)$"), r"\1.attentions.\2.quality_transformer.\3"),
+    (re.compile(r"^(.*)\.attentions_connect\.(\d+)\.(.*)$"), r"\1.attentions.\2.fusion_transformer.\3"),
+    (re.compile(r"^conv_degradation\.(\d+)\.0\.(.*)$"), r"dfc_latent_heads.\1.\2"),
+    (re.compile(r"^conv_degradation_mid\.0\.(.*)$"), r"dfc_latent_head_mid.\1"),
+    (re.compile(r"^controlnet_cond_embedding\.preprocesser\.(.*)$"), r"controlnet_cond_embedding.preprocessor.\1"),
+]
+
+
+def rename_official_key(key: str) -> str:
+    for pattern, replacement in _RENAMES:
+        if pattern.match(key):
+            return pattern.sub(replacement, key)
+    return key
+
+
+def _strip(config: dict, extras: tuple[str, ...]) -> dict:
+    return {k: v for k, v in config.items() if k not in extras and not k.startswith("_")}
+
+
+def _flags(values: Any, n: int) -> list[bool]:
+    return [bool(v) for v in values][:n] if isinstance(values, (list, tuple)) else [bool(values)] * n
+
+
+def build_from_official(unet_state: dict[str, torch.Tensor], controlnet_state: dict[str, torch.Tensor],
+                        config: dict) -> tuple[XPSRUNet | UNet2DConditionModel, XPSRControlNet, ModelConfig]:
+    """Stock models from the official configs, XPSR modules injected as the configs say, weights loaded."""
+    for part in ("unet", "controlnet"):
+        if part not in config:
+            raise KeyError(f"official config has no '{part}' section (keys: {sorted(config)})")
+    ucfg, ccfg = config["unet"], config["controlnet"]
+    unet = UNet2DConditionModel.from_config(_strip(ucfg, UNET_EXTRAS))
+    controlnet = ControlNetModel.from_config(_strip(ccfg, CONTROLNET_EXTRAS))
+
+    quality = bool(ccfg.get("use_lowlevel_prompt", True))
+    model_cfg = ModelConfig(
+        base="official",
+        fusion_mode="sfa" if quality else "content_only",
+        sfa_down_blocks=None,
+        sfa_mid=quality,
+        pixel_attention=any(".pixel_attentions." in k for k in unet_state),
+        pixel_attention_init="random",
+        dfc_pixel_heads=bool(ccfg.get("return_rgbs", True)),
+        dfc_latent_heads=bool(ccfg.get("use_latent_pred", True)),
+        rrdb=bool(ccfg.get("use_rrdb", False)),
+        conditioning_channels=list(ccfg.get("conditioning_embedding_out_channels", (16, 32, 96, 256))),
+    )
+    # ControlNet: SFA in every cross-attention down block and the mid block (when use_lowlevel_prompt).
+    inject_sfa(controlnet, model_cfg.fusion_mode, down_blocks=None, mid=model_cfg.sfa_mid)
+    controlnet = as_xpsr_controlnet(controlnet, pixel_heads=model_cfg.dfc_pixel_heads,
+                                    latent=model_cfg.dfc_latent_heads, rrdb=model_cfg.rrdb)
+    # UNet: optional SFA (the *_use_lowlevel_prompt flags), then pixel attention.
+    n_down, n_up = len(ucfg["down_block_types"]), len(ucfg["up_block_types"])
+    down = [i for i, f in enumerate(_flags(ucfg.get("down_use_lowlevel_prompt", False), n_down)) if f]
+    up = [i for i, f in enumerate(_flags(ucfg.get("up_use_lowlevel_prompt", False), n_up)) if f]
+    mid = bool(ucfg.get("mid_use_lowlevel_prompt", False))
+    if down or up or mid:
+        model_cfg.unet_sfa = True
+        inject_sfa(unet, "sfa", down_blocks=down, mid=mid, up_blocks=up)
+        as_xpsr_unet(unet)
+    if model_cfg.pixel_attention:
+        unet = inject_pixel_attention(unet, init="random")
+
+    load_strict(unet, {rename_official_key(k): v for k, v in unet_state.items()}, "official UNet")
+    load_strict(controlnet, {rename_official_key(k): v for k, v in controlnet_state.items()}, "official ControlNet")
+    return unet.eval(), controlnet.eval(), model_cfg
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    st = folder / "diffusion_pytorch_model.safetensors"
+    if st.is_file():
+        return load_file(st)
+    binary = folder / "diffusion_pytorch_model.bin"
+    if binary.is_file():
+        return torch.load(binary, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{folder}: no diffusion_pytorch_model.safetensors (or .bin)")
+
+
+def load_official(path: str | Path):
+    """Load an official XPSR checkpoint folder (either layout in the module docstring)."""
+    path = Path(path)
+    if (path / "official_config.json").is_file():
+        config = json.loads((path / "official_config.json").read_text())
+        unet_state = load_file(path / "official_unet.safetensors")
+        controlnet_state = load_file(path / "official_controlnet.safetensors")
+    elif (path / "unet" / "config.json").is_file() and (path / "controlnet" / "config.json").is_file():
+        config = {p: json.loads((path / p / "config.json").read_text()) for p in ("unet", "controlnet")}
+        unet_state, controlnet_state = _read_weights(path / "unet"), _read_weights(path / "controlnet")
+    else:
+        raise FileNotFoundError(
+            f"{path} is not an official XPSR checkpoint: expected official_config.json + official_*.safetensors, "
+            "or unet/ and controlnet/ subfolders with config.json and diffusion_pytorch_model.safetensors"
+        )
+    return build_from_official(unet_state, controlnet_state, config)

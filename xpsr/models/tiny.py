@@ -1,0 +1,76 @@
+"""The ``tiny`` preset: every Stable Diffusion part at a few-MB size, random weights, built in code.
+
+It has SD's structure (3 cross-attention levels -> here 2 + a plain level, 8x VAE, CLIP text encoder,
+CLIP-style BPE tokenizer) so tests, CI and the CPU demo exercise the real code paths offline.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+TINY_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+)
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+    block_out_channels=(8, 16, 16, 16),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+)
+SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+# A small corpus for the offline BPE tokenizer: words that show up in content and quality captions.
+_WORDS = """a an the of and with in on at to is are this image photo picture shows view close up scene
+person man woman child people face hair eyes hand dog cat bird horse animal tree trees grass flower plant
+sky cloud clouds sun water sea river lake beach mountain rock road street car building house city window
+wall door room table chair food fruit plate cup red green blue yellow white black brown gray orange dark
+light bright colorful small large old young standing sitting walking front background foreground quality
+low high good poor clear blurry blur sharp noise noisy grain jpeg compression artifacts blocky detail
+details texture textures color colors colour lighting exposure contrast saturation overall resolution
+slightly very heavily moderately somewhat visible fine edges soft smooth""".split()
+
+
+def build_tiny_tokenizer():
+    """A CLIP tokenizer over a BPE vocabulary trained here, offline, on the word list above."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    tok = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|startoftext|>", "<|endoftext|>"],
+                                  end_of_word_suffix="</w>", show_progress=False)
+    corpus = [" ".join(_WORDS[i:i + 12]) for i in range(0, len(_WORDS), 12)] * 4
+    tok.train_from_iterator(corpus, trainer=trainer)
+    with tempfile.TemporaryDirectory() as d:
+        model = json.loads(tok.to_str())["model"]
+        Path(d, "vocab.json").write_text(json.dumps(model["vocab"]))
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        Path(d, "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        return CLIPTokenizer.from_pretrained(d, model_max_length=77)
+
+
+def build_tiny_base(seed: int = 0) -> dict:
+    """unet, vae, text_encoder, tokenizer, scheduler of the tiny preset (deterministic for a seed)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**TINY_UNET)
+        vae = AutoencoderKL(**TINY_VAE)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ))
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder.eval(), "tokenizer": tokenizer,
+            "scheduler": DDPMScheduler(**SD_SCHEDULER)}

@@ -25,7 +25,7 @@ TINY_VAE = dict(
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
 )
 SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+                    clip_sample=False, steps_offset=1, prediction_type="epsilon")
 
 # A small corpus for the offline BPE tokenizer: words that show up in content and quality captions.
 _WORDS = """a an the of and with in on at to is are this image photo picture shows view close up scene

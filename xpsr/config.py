@@ -125,7 +125,6 @@ def describe(schema: type, prefix: str = "") -> list[tuple[str, Any, str]]:
     rows = []
     for f in dataclasses.fields(schema):
         key = f"{prefix}{f.name}"
-        ftype = f.type if isinstance(f.type, type) else None
         if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory()):
             rows += describe(type(f.default_factory()), key + ".")
             continue
@@ -134,5 +133,4 @@ def describe(schema: type, prefix: str = "") -> list[tuple[str, Any, str]]:
         if "choices" in f.metadata:
             text += f" {{{'|'.join(f.metadata['choices'])}}}"
         rows.append((key, default, text))
-        del ftype
     return rows

@@ -192,7 +192,7 @@ def model_summary(modules: XPSRModules) -> str:
     for title, pred in groups.items():
         n = sum(p.numel() for k, p in trainable.items() if pred(k))
         lines.append(f"{title:<30}{n:>14,}")
-    for title, model in (("UNet (frozen)", modules.unet), ("VAE (frozen)", modules.vae),
+    for title, model in (("UNet (all, incl. additions)", modules.unet), ("VAE (frozen)", modules.vae),
                          ("text encoder (frozen)", modules.text_encoder)):
         lines.append(f"{title:<30}{count_parameters(model):>14,}")
     lines.append(f"{'trainable total':<30}{sum(p.numel() for p in trainable.values()):>14,}")

@@ -41,6 +41,23 @@ _RENAMES = [
 ]
 
 
+_TO_OFFICIAL = [
+    (re.compile(r"^(.*)\.attentions\.(\d+)\.quality_transformer\.(.*)$"), r"\1.attentions_lowlevel.\2.\3"),
+    (re.compile(r"^(.*)\.attentions\.(\d+)\.fusion_transformer\.(.*)$"), r"\1.attentions_connect.\2.\3"),
+    (re.compile(r"^dfc_latent_heads\.(\d+)\.(.*)$"), r"conv_degradation.\1.0.\2"),
+    (re.compile(r"^dfc_latent_head_mid\.(.*)$"), r"conv_degradation_mid.0.\1"),
+    (re.compile(r"^controlnet_cond_embedding\.preprocessor\.(.*)$"), r"controlnet_cond_embedding.preprocesser.\1"),
+]
+
+
+def to_official_key(key: str) -> str:
+    """Inverse of :func:`rename_official_key` (to hand our weights to the official code)."""
+    for pattern, replacement in _TO_OFFICIAL:
+        if pattern.match(key):
+            return pattern.sub(replacement, key)
+    return key
+
+
 def rename_official_key(key: str) -> str:
     for pattern, replacement in _RENAMES:
         if pattern.match(key):

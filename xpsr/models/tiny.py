@@ -5,6 +5,7 @@ CLIP-style BPE tokenizer) so tests, CI and the CPU demo exercise the real code p
 """
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 from pathlib import Path
@@ -38,6 +39,7 @@ details texture textures color colors colour lighting exposure contrast saturati
 slightly very heavily moderately somewhat visible fine edges soft smooth""".split()
 
 
+@functools.lru_cache(maxsize=1)
 def build_tiny_tokenizer():
     """A CLIP tokenizer over a BPE vocabulary trained here, offline, on the word list above."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers

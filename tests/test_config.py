@@ -1,0 +1,55 @@
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from xpsr.config import SCHEMAS, BenchConfig, ConfigError, ModelConfig, describe, load_config
+
+ALL_YAMLS = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert len(ALL_YAMLS) >= 5
+
+
+@pytest.mark.parametrize("path", ALL_YAMLS, ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_every_yaml_validates(path: Path):
+    folder = path.relative_to(REPO / "configs").parts[0]
+    assert folder in SCHEMAS, f"configs/{folder}/ has no schema in xpsr.config.SCHEMAS"
+    cfg = load_config(SCHEMAS[folder], path)
+    assert isinstance(cfg, SCHEMAS[folder])
+
+
+def test_overrides_apply_and_types_convert():
+    cfg = load_config(ModelConfig, None, ["fusion_mode=sequential", "sfa_down_blocks=[0,1]", "sfa_mid=false"])
+    assert cfg.fusion_mode == "sequential" and cfg.sfa_down_blocks == [0, 1] and cfg.sfa_mid is False
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("fusion_mod: sfa\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(ModelConfig, f)
+    assert "fusion_mod" in str(e.value) and str(f) in str(e.value)
+
+
+def test_wrong_type_names_key(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("resolution: big\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(BenchConfig, f)
+    assert "resolution" in str(e.value) and str(f) in str(e.value)
+
+
+def test_bad_choice_and_bad_override_syntax():
+    with pytest.raises(ConfigError, match="fusion_mode"):
+        load_config(ModelConfig, None, ["fusion_mode=parallel"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(ModelConfig, None, ["fusion_mode"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(ModelConfig, "/nonexistent/x.yaml")
+
+
+def test_describe_lists_every_leaf():
+    keys = [k for k, _, _ in describe(SCHEMAS["demo"])]
+    assert "model.fusion_mode" in keys and "output_dir" in keys

@@ -27,7 +27,7 @@ REQUIRED = {
     "vae": (["config.json"], ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                               "diffusion_pytorch_model.fp16.safetensors"]),
     "text_encoder": (["config.json"], ["model.safetensors", "pytorch_model.bin", "model.fp16.safetensors"]),
-    "tokenizer": (["vocab.json", "merges.txt"], []),
+    "tokenizer": ([], ["vocab.json", "tokenizer.json"]),
     "scheduler": (["scheduler_config.json"], []),
 }
 
@@ -52,14 +52,15 @@ class XPSRModules:
 def check_base_folder(folder: Path) -> None:
     """Raise :class:`MissingWeightsError` listing every missing file of a diffusers SD folder."""
     problems = []
-    for sub, (needed, weights) in REQUIRED.items():
+    for sub, (needed, one_of) in REQUIRED.items():
         d = folder / sub
         if not d.is_dir():
             problems.append(f"{sub}/ (folder missing)")
             continue
         problems += [f"{sub}/{name}" for name in needed if not (d / name).is_file()]
-        if weights and not any((d / w).is_file() for w in weights):
-            problems.append(f"{sub}/ weights (one of {', '.join(weights)})")
+        if one_of and not any((d / w).is_file() for w in one_of):
+            what = "weights" if sub != "tokenizer" else "vocabulary"
+            problems.append(f"{sub}/ {what} (one of {', '.join(one_of)})")
     if problems:
         raise MissingWeightsError(
             f"base model folder {folder} is incomplete; missing:\n  " + "\n  ".join(problems)
@@ -104,9 +105,8 @@ def load_base(base: str, revision: str | None = None, dtype: torch.dtype = torch
 
 def inject_xpsr(unet: UNet2DConditionModel, controlnet: ControlNetModel, cfg: ModelConfig):
     """Add every XPSR module ``cfg`` asks for to a stock UNet/ControlNet pair (in place); returns both."""
-    torch_state = torch.random.get_rng_state()
-    torch.manual_seed(cfg.seed)  # fresh XPSR weights are reproducible for a given seed
-    try:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # fresh XPSR weights are reproducible for a given seed
         inject_sfa(controlnet, cfg.fusion_mode, down_blocks=cfg.sfa_down_blocks, mid=cfg.sfa_mid)
         controlnet = as_xpsr_controlnet(controlnet, pixel_heads=cfg.dfc_pixel_heads, latent=cfg.dfc_latent_heads,
                                         rrdb=cfg.rrdb)
@@ -116,8 +116,6 @@ def inject_xpsr(unet: UNet2DConditionModel, controlnet: ControlNetModel, cfg: Mo
             unet = as_xpsr_unet(unet)
         if cfg.pixel_attention:
             unet = inject_pixel_attention(unet, init=cfg.pixel_attention_init)
-    finally:
-        torch.random.set_rng_state(torch_state)
     for model in (unet, controlnet):
         # After injection, so the new modules are checkpointed too (re-applied if set before).
         if cfg.gradient_checkpointing or model.is_gradient_checkpointing:
@@ -164,7 +162,10 @@ def build_xpsr(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> XPSRModu
     unet = parts["unet"]
     if any(isinstance(m, SFATransformer2D) for m in unet.modules()):
         raise ValueError("ControlNet must be derived from the stock UNet, before any injection")
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(cfg.conditioning_channels))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # the conditioning embedding is initialised at random
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(
+            cfg.conditioning_channels))
     unet, controlnet = inject_xpsr(unet, controlnet, cfg)
     modules = XPSRModules(unet=unet, controlnet=controlnet, vae=parts["vae"], text_encoder=parts["text_encoder"],
                           tokenizer=parts["tokenizer"], scheduler=parts["scheduler"], config=cfg)

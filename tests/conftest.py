@@ -60,10 +60,10 @@ def run(modules, inputs, unet=None, controlnet=None, scale: float = 1.0):
 
 
 def randomize_zero_inits(*models, seed: int = 1) -> None:
-    """Fill zero-initialised convs/projections with noise so every path contributes to the outputs."""
+    """Fill zero-initialised trainable weights (zero-convs, zero proj_out) with noise so every path counts."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for model in models:
             for p in model.parameters():
-                if p.abs().max() == 0:
+                if p.requires_grad and p.abs().max() == 0:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.05)

@@ -22,9 +22,24 @@ class CheckpointMismatchError(KeyError):
         return str(self.args[0])
 
 
-def _listing(title: str, keys: list[str], limit: int = 15) -> str:
+_INNER = (".transformer_blocks.", ".proj_in.", ".proj_out.", ".norm.")
+
+
+def _module_of(key: str) -> str:
+    """The module a parameter belongs to, collapsing a transformer's internals into the transformer."""
+    cut = min((key.index(m) for m in _INNER if m in key), default=key.rfind("."))
+    return key[:cut]
+
+
+def _listing(title: str, keys: list[str], limit: int = 30) -> str:
     if not keys:
         return ""
+    if len(keys) > limit:  # group by module so a whole missing branch reads as one line
+        groups: dict[str, int] = {}
+        for k in keys:
+            groups[_module_of(k)] = groups.get(_module_of(k), 0) + 1
+        if len(groups) < len(keys):
+            return _listing(f"{title}, by module", [f"{m}.* ({n} keys)" for m, n in groups.items()], limit)
     shown = "\n".join(f"    {k}" for k in keys[:limit])
     more = f"\n    ... and {len(keys) - limit} more" if len(keys) > limit else ""
     return f"\n  {title} ({len(keys)}):\n{shown}{more}"

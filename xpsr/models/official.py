@@ -143,3 +143,22 @@ def load_official(path: str | Path):
             "or unet/ and controlnet/ subfolders with config.json and diffusion_pytorch_model.safetensors"
         )
     return build_from_official(unet_state, controlnet_state, config)
+
+
+def export_official(unet, controlnet, model_config: ModelConfig) -> tuple[dict, dict, dict]:
+    """Our modules as official-format ``(unet_state, controlnet_state, {"unet": cfg, "controlnet": cfg})``.
+
+    The inverse of :func:`build_from_official`: hands weights trained here to the official code.
+    """
+    if model_config.fusion_mode not in ("sfa", "content_only"):
+        raise ValueError(f"the official code has no fusion mode {model_config.fusion_mode!r}")
+    ucfg = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    n_up = len(ucfg["up_block_types"])
+    ucfg.update(up_use_lowlevel_prompt=[model_config.unet_sfa] * (n_up + 1),
+                mid_use_lowlevel_prompt=model_config.unet_sfa, down_use_lowlevel_prompt=model_config.unet_sfa)
+    ccfg = {k: v for k, v in dict(controlnet.config).items() if not k.startswith("_")}
+    ccfg.update(return_rgbs=model_config.dfc_pixel_heads, use_rrdb=model_config.rrdb,
+                use_lowlevel_prompt=model_config.fusion_mode == "sfa", use_latent_pred=model_config.dfc_latent_heads)
+    unet_state = {to_official_key(k): v for k, v in unet.state_dict().items()}
+    cn_state = {to_official_key(k): v for k, v in controlnet.state_dict().items()}
+    return unet_state, cn_state, {"unet": ucfg, "controlnet": ccfg}

@@ -1,0 +1,39 @@
+"""The `xpsr` entry point and the benchmark script, as a user runs them."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def _run(*args, timeout=300):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+def test_demo_prints_summary_and_writes_output(tmp_path):
+    proc = _run("-m", "xpsr.cli", "demo", "--config", "configs/demo/tiny.yaml", f"output_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    assert "trainable total" in proc.stdout and "DFC loss" in proc.stdout
+    assert (tmp_path / "model_summary.txt").is_file()
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["base"] == "tiny"
+
+
+def test_help_lists_every_key_with_defaults():
+    proc = _run("-m", "xpsr.cli", "demo", "--help")
+    assert proc.returncode == 0
+    for key in ("model.fusion_mode", "model.pixel_attention_init", "output_dir"):
+        assert key in proc.stdout
+
+
+def test_config_typo_exits_2_naming_the_key():
+    proc = _run("-m", "xpsr.cli", "demo", "model.fusion_mod=sfa")
+    assert proc.returncode == 2 and "fusion_mod" in proc.stderr
+
+
+def test_benchmark_script_emits_json():
+    proc = _run("scripts/benchmark.py", "steps=1", "warmup=0", "resolution=32", "batch_size=1")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["preset"] == "tiny" and result["step_s_mean"] > 0 and result["trainable_params"] > 0

@@ -1,11 +1,17 @@
 """Building, freezing, the trainable set, and loading base models from folders."""
 import pytest
 import torch
+from conftest import DATA, run, tiny_inputs
 from diffusers import ControlNetModel
 
-from conftest import DATA, run, tiny_inputs
-from xpsr.models.build import (MissingWeightsError, build_xpsr, freeze_for_training, load_base, model_summary,
-                               trainable_parameters)
+from xpsr.models.build import (
+    MissingWeightsError,
+    build_xpsr,
+    freeze_for_training,
+    load_base,
+    model_summary,
+    trainable_parameters,
+)
 from xpsr.models.dfc import dfc_loss
 
 PINNED = DATA / "tiny_trainable_keys.txt"
@@ -100,3 +106,11 @@ def test_loads_a_local_diffusers_folder(tmp_path, make_tiny):
     with torch.no_grad():
         pred, _ = run(m, tiny_inputs(m))
     assert torch.isfinite(pred).all()
+
+
+def test_attention_runs_through_sdpa_processors(make_tiny):
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    m = make_tiny(unet_sfa=True)
+    attns = [mod for model in (m.unet, m.controlnet) for mod in model.modules() if isinstance(mod, Attention)]
+    assert attns and all(isinstance(a.processor, AttnProcessor2_0) for a in attns)

@@ -3,14 +3,20 @@ import json
 
 import pytest
 import torch
+from conftest import randomize_zero_inits, run, tiny_inputs
 from diffusers import ControlNetModel
 from safetensors.torch import load_file, save_file
 
-from conftest import randomize_zero_inits, run, tiny_inputs
 from xpsr.config import to_dict
 from xpsr.models.build import trainable_parameters
-from xpsr.models.checkpoint import (CheckpointMismatchError, export_diffusers, load_exported, load_trained,
-                                    read_config, save_trained)
+from xpsr.models.checkpoint import (
+    CheckpointMismatchError,
+    export_diffusers,
+    load_exported,
+    load_trained,
+    read_config,
+    save_trained,
+)
 
 
 def test_round_trip_reproduces_outputs_exactly(tmp_path, make_tiny):

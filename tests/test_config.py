@@ -1,8 +1,8 @@
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
+
 from xpsr.config import SCHEMAS, BenchConfig, ConfigError, ModelConfig, describe, load_config
 
 ALL_YAMLS = sorted((REPO / "configs").rglob("*.yaml"))

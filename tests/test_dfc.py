@@ -2,9 +2,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import GOLDEN, randomize_zero_inits, run, tiny_inputs
 from safetensors.torch import load_file
 
-from conftest import GOLDEN, randomize_zero_inits, run, tiny_inputs
 from xpsr.models.dfc import RRDB, DFCConditioningEmbedding, dfc_loss
 
 

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 from conftest import GOLDEN, REPO
+
 from xpsr.models.verify import compare, format_table
 
 

@@ -3,10 +3,10 @@ import json
 
 import pytest
 import torch
+from conftest import randomize_zero_inits, run, tiny_inputs
 from diffusers import ControlNetModel, UNet2DConditionModel
 from safetensors.torch import save_file
 
-from conftest import randomize_zero_inits, run, tiny_inputs
 from xpsr.config import ModelConfig
 from xpsr.models.build import XPSRModules, inject_xpsr
 from xpsr.models.checkpoint import CheckpointMismatchError

@@ -3,11 +3,15 @@ import copy
 
 import pytest
 import torch
+from conftest import randomize_zero_inits, run, tiny_inputs
 from diffusers import UNet2DConditionModel
 
-from conftest import randomize_zero_inits, run, tiny_inputs
-from xpsr.models.pixel_attention import (XPSRUNet, has_pixel_attention, inject_pixel_attention,
-                                         residual_channels)
+from xpsr.models.pixel_attention import (
+    XPSRUNet,
+    has_pixel_attention,
+    inject_pixel_attention,
+    residual_channels,
+)
 
 
 def _residuals(unet, x, seed=3):
@@ -15,7 +19,7 @@ def _residuals(unet, x, seed=3):
     chans = residual_channels(unet.config)
     sizes = []
     h = x["noisy_latents"].shape[-1]
-    for i, width in enumerate(unet.config.block_out_channels):  # mirror of the down path's resolutions
+    for i in range(len(unet.config.block_out_channels)):  # mirror of the down path's resolutions
         sizes += [h] * (unet.config.layers_per_block + (1 if i == 0 else 0))
         if i < len(unet.config.block_out_channels) - 1:
             h //= 2
@@ -69,10 +73,10 @@ def test_routed_residuals_are_cleared_after_forward_even_on_error(make_tiny):
     down, mid = _residuals(m.unet, x)
     with torch.no_grad():
         _unet_call(m.unet, x, down, mid)
-    assert all(getattr(b, "_xpsr_pixel_residuals") is None for b in m.unet.up_blocks)
-    with pytest.raises(Exception):
+    assert all(b._xpsr_pixel_residuals is None for b in m.unet.up_blocks)
+    with pytest.raises(RuntimeError):  # a residual of the wrong width
         _unet_call(m.unet, x, down[:-1] + [down[-1][:, :1]], mid)
-    assert all(getattr(b, "_xpsr_pixel_residuals") is None for b in m.unet.up_blocks)
+    assert all(b._xpsr_pixel_residuals is None for b in m.unet.up_blocks)
 
 
 def _grads(m, x, checkpointing: bool, double_forward: bool = False):
@@ -112,7 +116,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(make_tiny):
 
 def test_checkpointing_enabled_before_injection_still_covers_new_modules(make_tiny):
     m = make_tiny(gradient_checkpointing=True)
-    flagged = [mod for model in (m.unet, m.controlnet) for mod in model.modules() if hasattr(mod, "gradient_checkpointing")]
+    flagged = [mod for model in (m.unet, m.controlnet) for mod in model.modules()
+               if hasattr(mod, "gradient_checkpointing")]
     assert flagged and all(mod.gradient_checkpointing for mod in flagged)
     # the pitfall itself: a UNet switched on *before* injection gets its new modules covered as well
     from xpsr.config import ModelConfig

@@ -3,9 +3,9 @@ import copy
 
 import pytest
 import torch
+from conftest import randomize_zero_inits, run, tiny_inputs
 from diffusers import ControlNetModel
 
-from conftest import randomize_zero_inits, run, tiny_inputs
 from xpsr.models.controlnet import as_xpsr_controlnet
 from xpsr.models.sfa import QUALITY_KEY, SFATransformer2D, inject_sfa
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from xpsr.config import BenchConfig, ConfigError, DemoConfig, describe, load_config, to_dict
 

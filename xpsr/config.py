@@ -6,9 +6,10 @@ the file, on unknown keys, wrong types and values outside a field's ``choices``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Type, TypeVar
+from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -37,9 +38,9 @@ class ModelConfig:
     """What to build: the base Stable Diffusion parts and the XPSR additions."""
 
     base: str = doc("tiny", "'tiny' (random tiny model built in code), a local diffusers folder, or a hub id")
-    revision: Optional[str] = doc(None, "hub revision when `base` is a hub id")
+    revision: str | None = doc(None, "hub revision when `base` is a hub id")
     fusion_mode: str = choice("sfa", FUSION_MODES, "how content and quality prompts meet (README: Fusion modes)")
-    sfa_down_blocks: Optional[List[int]] = doc(None, "ControlNet down blocks with SFA; null = every cross-attention block")
+    sfa_down_blocks: list[int] | None = doc(None, "ControlNet down blocks with SFA; null = every cross-attention block")
     sfa_mid: bool = doc(True, "SFA in the ControlNet mid block")
     unet_sfa: bool = doc(False, "also put SFA into the UNet's cross-attention blocks (not in the paper)")
     pixel_attention: bool = doc(True, "pixel-aware attention in every UNet up-block layer")
@@ -48,7 +49,7 @@ class ModelConfig:
     dfc_pixel_heads: bool = doc(True, "RGB side outputs of the conditioning embedding (pixel-space DFC)")
     dfc_latent_heads: bool = doc(True, "one 3x3 conv per ControlNet residual to latent channels (latent-space DFC)")
     rrdb: bool = doc(False, "two RRDBs after the conditioning embedding's first conv (official `use_rrdb`)")
-    conditioning_channels: List[int] = doc([16, 32, 96, 256], "conditioning-embedding widths (3 stride-2 stages)")
+    conditioning_channels: list[int] = doc([16, 32, 96, 256], "conditioning-embedding widths (3 stride-2 stages)")
     gradient_checkpointing: bool = doc(False, "recompute activations in backward (enabled after injection)")
     seed: int = doc(0, "seed for the tiny preset and for freshly initialised XPSR weights")
 
@@ -56,7 +57,7 @@ class ModelConfig:
 @dataclass
 class DemoConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    output_dir: Optional[str] = doc(None, "where to write results (the model summary for now); null = print only")
+    output_dir: str | None = doc(None, "where to write results (the model summary for now); null = print only")
 
 
 @dataclass
@@ -89,7 +90,7 @@ def _check_choices(obj: Any, source: str, prefix: str = "") -> None:
             raise ConfigError(f"{source}: key '{key}' = {value!r} is not one of {list(f.metadata['choices'])}")
 
 
-def load_config(schema: Type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Defaults of ``schema`` <- YAML at ``path`` <- ``key=value`` overrides; returns a ``schema`` instance."""
     merged = OmegaConf.structured(schema)
     source = "defaults"

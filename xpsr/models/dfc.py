@@ -9,8 +9,8 @@ Both use L1 and are scaled by lambda (0.05 in the paper and the official code).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -13,7 +13,8 @@ gradient-checkpoint recomputation always sees the residuals of its own forward.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from diffusers.models.transformers.transformer_2d import Transformer2DModel

@@ -19,7 +19,8 @@ The swap keeps the pretrained transformer's own weights and keys; the new ones l
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from diffusers.models.transformers.transformer_2d import Transformer2DModel, Transformer2DModelOutput

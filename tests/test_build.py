@@ -114,3 +114,9 @@ def test_attention_runs_through_sdpa_processors(make_tiny):
     m = make_tiny(unet_sfa=True)
     attns = [mod for model in (m.unet, m.controlnet) for mod in model.modules() if isinstance(mod, Attention)]
     assert attns and all(isinstance(a.processor, AttnProcessor2_0) for a in attns)
+
+
+def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MissingWeightsError, match="could not load 'someorg/no-such-model' from the hub"):
+        load_base("someorg/no-such-model")

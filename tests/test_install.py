@@ -1,4 +1,6 @@
 """The installed stack works together (the traps listed in README "Installing")."""
+import pytest
+
 
 
 def test_opencv_pyiqa_and_torchvision_import_and_work():
@@ -17,5 +19,6 @@ def test_opencv_pyiqa_and_torchvision_import_and_work():
     assert psnr(x, x.clamp(0, 0.99)).item() > 20
 
 
+@pytest.mark.filterwarnings("ignore:pkg_resources is deprecated")
 def test_pkg_resources_for_clip_metrics():
     import pkg_resources  # noqa: F401  (openai-clip imports it; setuptools < 82 keeps it)

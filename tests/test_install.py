@@ -2,7 +2,6 @@
 import pytest
 
 
-
 def test_opencv_pyiqa_and_torchvision_import_and_work():
     import cv2
     import numpy as np

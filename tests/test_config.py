@@ -25,20 +25,17 @@ def test_overrides_apply_and_types_convert():
     assert cfg.fusion_mode == "sequential" and cfg.sfa_down_blocks == [0, 1] and cfg.sfa_mid is False
 
 
-def test_unknown_key_names_key_and_file(tmp_path):
+@pytest.mark.parametrize("schema, text, key", [
+    (ModelConfig, "fusion_mod: sfa\n", "fusion_mod"),  # unknown key
+    (BenchConfig, "resolution: big\n", "resolution"),  # wrong type
+    (ModelConfig, "pixel_attention_init: ones\n", "pixel_attention_init"),  # not a choice
+])
+def test_bad_yaml_names_key_and_file(tmp_path, schema, text, key):
     f = tmp_path / "bad.yaml"
-    f.write_text("fusion_mod: sfa\n")
+    f.write_text(text)
     with pytest.raises(ConfigError) as e:
-        load_config(ModelConfig, f)
-    assert "fusion_mod" in str(e.value) and str(f) in str(e.value)
-
-
-def test_wrong_type_names_key(tmp_path):
-    f = tmp_path / "bad.yaml"
-    f.write_text("resolution: big\n")
-    with pytest.raises(ConfigError) as e:
-        load_config(BenchConfig, f)
-    assert "resolution" in str(e.value) and str(f) in str(e.value)
+        load_config(schema, f)
+    assert key in str(e.value) and str(f) in str(e.value)
 
 
 def test_bad_choice_and_bad_override_syntax():

@@ -143,7 +143,8 @@ def trainable_parameters(unet: nn.Module, controlnet: nn.Module) -> dict[str, nn
 def freeze_for_training(modules: XPSRModules) -> dict[str, nn.Parameter]:
     """Freeze everything but the trainable set, which is kept in fp32; returns the trainable set."""
     for model in (modules.unet, modules.vae, modules.text_encoder, modules.controlnet):
-        model.requires_grad_(False)
+        if model is not None:  # the random-weight benchmark presets have no text encoder
+            model.requires_grad_(False)
     trainable = trainable_parameters(modules.unet, modules.controlnet)
     for p in trainable.values():
         p.requires_grad_(True)

@@ -31,38 +31,42 @@ from xpsr.models.sfa import inject_sfa
 UNET_EXTRAS = ("up_use_lowlevel_prompt", "mid_use_lowlevel_prompt", "down_use_lowlevel_prompt")
 CONTROLNET_EXTRAS = ("return_rgbs", "use_rrdb", "use_lowlevel_prompt", "use_latent_pred")
 
-# official key pattern -> ours (applied in order, first match wins)
-_RENAMES = [
-    (re.compile(r"^(.*)\.attentions_lowlevel\.(\d+)\.(.*)$"), r"\1.attentions.\2.quality_transformer.\3"),
-    (re.compile(r"^(.*)\.attentions_connect\.(\d+)\.(.*)$"), r"\1.attentions.\2.fusion_transformer.\3"),
-    (re.compile(r"^conv_degradation\.(\d+)\.0\.(.*)$"), r"dfc_latent_heads.\1.\2"),
-    (re.compile(r"^conv_degradation_mid\.0\.(.*)$"), r"dfc_latent_head_mid.\1"),
-    (re.compile(r"^controlnet_cond_embedding\.preprocesser\.(.*)$"), r"controlnet_cond_embedding.preprocessor.\1"),
+# (official key, our key) templates: {block} any prefix, {i} an index, {rest} the rest of the key.
+_KEY_TEMPLATES = [
+    ("{block}.attentions_lowlevel.{i}.{rest}", "{block}.attentions.{i}.quality_transformer.{rest}"),
+    ("{block}.attentions_connect.{i}.{rest}", "{block}.attentions.{i}.fusion_transformer.{rest}"),
+    ("conv_degradation.{i}.0.{rest}", "dfc_latent_heads.{i}.{rest}"),
+    ("conv_degradation_mid.0.{rest}", "dfc_latent_head_mid.{rest}"),
+    ("controlnet_cond_embedding.preprocesser.{rest}", "controlnet_cond_embedding.preprocessor.{rest}"),
 ]
+_FIELDS = {"block": r"(?P<block>.+?)", "i": r"(?P<i>\d+)", "rest": r"(?P<rest>.+)"}
 
 
-_TO_OFFICIAL = [
-    (re.compile(r"^(.*)\.attentions\.(\d+)\.quality_transformer\.(.*)$"), r"\1.attentions_lowlevel.\2.\3"),
-    (re.compile(r"^(.*)\.attentions\.(\d+)\.fusion_transformer\.(.*)$"), r"\1.attentions_connect.\2.\3"),
-    (re.compile(r"^dfc_latent_heads\.(\d+)\.(.*)$"), r"conv_degradation.\1.0.\2"),
-    (re.compile(r"^dfc_latent_head_mid\.(.*)$"), r"conv_degradation_mid.0.\1"),
-    (re.compile(r"^controlnet_cond_embedding\.preprocessor\.(.*)$"), r"controlnet_cond_embedding.preprocesser.\1"),
-]
+def _compile(template: str) -> re.Pattern:
+    parts = re.split(r"\{(\w+)\}", template)  # literal, field, literal, field, ...
+    return re.compile("^" + "".join(_FIELDS[p] if k % 2 else re.escape(p) for k, p in enumerate(parts)) + "$")
 
 
-def to_official_key(key: str) -> str:
-    """Inverse of :func:`rename_official_key` (to hand our weights to the official code)."""
-    for pattern, replacement in _TO_OFFICIAL:
-        if pattern.match(key):
-            return pattern.sub(replacement, key)
+_OFFICIAL_TO_OURS = [(_compile(official), ours) for official, ours in _KEY_TEMPLATES]
+_OURS_TO_OFFICIAL = [(_compile(ours), official) for official, ours in _KEY_TEMPLATES]
+
+
+def _rename(key: str, table: list[tuple[re.Pattern, str]]) -> str:
+    for pattern, target in table:
+        match = pattern.match(key)
+        if match:
+            return target.format(**match.groupdict())
     return key
 
 
 def rename_official_key(key: str) -> str:
-    for pattern, replacement in _RENAMES:
-        if pattern.match(key):
-            return pattern.sub(replacement, key)
-    return key
+    """An official checkpoint key -> ours (keys of the stock diffusers parts are unchanged)."""
+    return _rename(key, _OFFICIAL_TO_OURS)
+
+
+def to_official_key(key: str) -> str:
+    """Ours -> the official key (to hand weights trained here to the official code)."""
+    return _rename(key, _OURS_TO_OFFICIAL)
 
 
 def _strip(config: dict, extras: tuple[str, ...]) -> dict:

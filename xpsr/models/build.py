@@ -19,7 +19,7 @@ from torch import nn
 from xpsr.config import ModelConfig
 from xpsr.models.controlnet import XPSRControlNet, as_xpsr_controlnet
 from xpsr.models.pixel_attention import as_xpsr_unet, inject_pixel_attention
-from xpsr.models.sfa import SFATransformer2D, inject_sfa
+from xpsr.models.sfa import has_sfa, inject_sfa
 
 REQUIRED = {
     "unet": (["config.json"], ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
@@ -161,7 +161,7 @@ def build_xpsr(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> XPSRModu
     else:
         parts = load_base(cfg.base, cfg.revision, dtype=dtype)
     unet = parts["unet"]
-    if any(isinstance(m, SFATransformer2D) for m in unet.modules()):
+    if has_sfa(unet):
         raise ValueError("ControlNet must be derived from the stock UNet, before any injection")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # the conditioning embedding is initialised at random

@@ -160,8 +160,10 @@ def inject_sfa(
             SFATransformer2D.from_transformer(attn, mode if selected else "content_only")
             if selected:
                 chosen.append(path)
+    model.xpsr_sfa = True  # read on every forward: a flag, not a walk over all modules
     return chosen
 
 
 def has_sfa(model: nn.Module) -> bool:
-    return any(isinstance(m, SFATransformer2D) for m in model.modules())
+    """Whether :func:`inject_sfa` ran on ``model`` (its forward then routes the quality embedding)."""
+    return bool(getattr(model, "xpsr_sfa", False))

@@ -4,8 +4,10 @@ import copy
 import pytest
 import torch
 from conftest import randomize_zero_inits, run, tiny_inputs
-from diffusers import UNet2DConditionModel
+from diffusers import ControlNetModel, UNet2DConditionModel
 
+from xpsr.config import ModelConfig
+from xpsr.models.build import inject_xpsr
 from xpsr.models.pixel_attention import (
     XPSRUNet,
     has_pixel_attention,
@@ -119,16 +121,11 @@ def test_checkpointing_enabled_before_injection_still_covers_new_modules(make_ti
     flagged = [mod for model in (m.unet, m.controlnet) for mod in model.modules()
                if hasattr(mod, "gradient_checkpointing")]
     assert flagged and all(mod.gradient_checkpointing for mod in flagged)
-    # the pitfall itself: a UNet switched on *before* injection gets its new modules covered as well
-    from xpsr.config import ModelConfig
-    from xpsr.models.build import inject_xpsr
-
+    # the pitfall itself: checkpointing switched on *before* injection must still cover the new modules
     fresh = make_tiny(pixel_attention=False, fusion_mode="content_only")
     fresh.unet.enable_gradient_checkpointing()
-    from diffusers import ControlNetModel
-
-    cn = ControlNetModel.from_unet(fresh.unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
-    unet, _ = inject_xpsr(fresh.unet, cn, ModelConfig(base="tiny"))
+    controlnet = ControlNetModel.from_unet(fresh.unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
+    unet, _ = inject_xpsr(fresh.unet, controlnet, ModelConfig(base="tiny"))
     assert all(pa.gradient_checkpointing for b in unet.up_blocks for pa in b.pixel_attentions)
 
 

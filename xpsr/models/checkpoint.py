@@ -12,6 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from xpsr.config import ModelConfig
+from xpsr.models.build import inject_xpsr, unet_trainable_names
+
 FORMAT = "xpsr-trained-v1"
 
 
@@ -79,8 +82,6 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
 
 def trained_state_dict(unet: nn.Module, controlnet: nn.Module) -> dict[str, torch.Tensor]:
     """The weights training changes: the whole ControlNet and the UNet's XPSR additions."""
-    from xpsr.models.build import unet_trainable_names
-
     state = {f"controlnet.{k}": v for k, v in controlnet.state_dict().items()}
     unet_state = unet.state_dict()
     state.update({f"unet.{k}": unet_state[k] for k in unet_trainable_names(unet)})
@@ -139,9 +140,6 @@ def export_diffusers(output_dir: str | Path, unet: nn.Module, controlnet: nn.Mod
 def load_exported(folder: str | Path):
     """Rebuild ``(unet, controlnet, model_config)`` from a folder written by :func:`export_diffusers`."""
     from diffusers import ControlNetModel, UNet2DConditionModel
-
-    from xpsr.config import ModelConfig
-    from xpsr.models.build import inject_xpsr
 
     folder = Path(folder)
     configs = {}

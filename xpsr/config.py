@@ -76,8 +76,81 @@ class BenchConfig:
     seed: int = doc(0, "random seed")
 
 
+@dataclass
+class KernelConfig:
+    """One blur stage's kernel sampler (Real-ESRGAN's random mixed kernels)."""
+
+    sizes: list[int] = doc([7, 9, 11, 13, 15, 17, 19, 21], "odd kernel sizes to choose from")
+    sinc_prob: float = doc(0.1, "probability of a sinc (ringing) kernel instead of a blur kernel")
+    kinds: list[str] = doc(["iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso"],
+                           "blur kernel kinds")
+    kind_probs: list[float] = doc([0.45, 0.25, 0.12, 0.03, 0.12, 0.03], "probability of each kind")
+    sigma: list[float] = doc([0.2, 3.0], "sigma range of Gaussian-type kernels")
+    betag: list[float] = doc([0.5, 4.0], "beta range of generalized Gaussian kernels")
+    betap: list[float] = doc([1.0, 2.0], "beta range of plateau kernels")
+
+
+@dataclass
+class StageConfig:
+    """One degradation stage: blur -> random resize -> noise -> JPEG."""
+
+    blur_prob: float = doc(1.0, "probability of blurring in this stage")
+    kernel: KernelConfig = field(default_factory=KernelConfig)
+    resize_prob: list[float] = doc([0.2, 0.7, 0.1], "probabilities of up / down / keep")
+    resize_range: list[float] = doc([0.15, 1.5], "resize factor range")
+    resize_modes: list[str] = doc(["area", "bilinear", "bicubic"], "interpolation modes, chosen uniformly")
+    gaussian_noise_prob: float = doc(0.5, "Gaussian noise, else Poisson noise")
+    noise_range: list[float] = doc([1.0, 30.0], "Gaussian noise sigma range (on the 0-255 scale)")
+    poisson_scale_range: list[float] = doc([0.05, 3.0], "Poisson noise scale range")
+    gray_noise_prob: float = doc(0.4, "probability that the noise is the same in all channels")
+    jpeg_prob: float = doc(1.0, "probability of JPEG compression in this stage")
+    jpeg_range: list[int] = doc([30, 95], "JPEG quality range")
+
+
+def _second_stage() -> "StageConfig":
+    return StageConfig(blur_prob=0.8, kernel=KernelConfig(sigma=[0.2, 1.5]), resize_prob=[0.3, 0.4, 0.3],
+                       resize_range=[0.3, 1.2], noise_range=[1.0, 25.0], poisson_scale_range=[0.05, 2.5])
+
+
+@dataclass
+class DegradationConfig:
+    """Real-ESRGAN second-order degradation; defaults are Real-ESRGAN's published ones."""
+
+    stage1: StageConfig = field(default_factory=StageConfig)
+    second_order_prob: float = doc(1.0, "probability of running the second stage at all")
+    stage2: StageConfig = field(default_factory=_second_stage)
+    final_sinc_prob: float = doc(0.8, "probability of the final sinc filter")
+    final_sinc_sizes: list[int] = doc([7, 9, 11, 13, 15, 17, 19, 21], "kernel sizes of the final sinc filter")
+    kernel_pad_to: int = doc(21, "every kernel is zero-padded to this size")
+    usm_gt: bool = doc(True, "unsharp-mask the HR target (saved as the HR image)")
+    usm_weight: float = doc(0.5, "USM weight")
+    usm_radius: int = doc(50, "USM Gaussian size (made odd)")
+    usm_threshold: float = doc(10.0, "USM threshold on the 0-255 scale")
+
+
+@dataclass
+class PrepareConfig:
+    """`xpsr prepare`: HR folders -> hr/, lr/, manifest.jsonl, report.json."""
+
+    inputs: list[str] = doc([], "HR image folders (searched recursively)")
+    output_dir: str = doc("???", "where hr/, lr/, manifest.jsonl and report.json go")
+    seed: int = doc(0, "global seed; every pair's randomness derives from (seed, source hash, crop, variant)")
+    scale: int = doc(4, "super-resolution factor")
+    crop_size: int = doc(512, "HR crop size in pixels")
+    crops_per_image: int = doc(1, "random crops per image and variant")
+    variants: int = doc(1, "degraded variants (epochs) per crop position")
+    test_set: bool = doc(False, "one centre crop per image (DIV2K-Val style) instead of random crops")
+    small_images: str = choice("pad", ("pad", "skip"), "images smaller than the crop: reflect-pad or skip")
+    paired_hr: str | None = doc(None, "import an existing paired set: its HR folder")
+    paired_lr: str | None = doc(None, "import an existing paired set: its LR folder (paired by sorted name)")
+    workers: int = doc(0, "worker processes (0 = in-process)")
+    device: str = doc("cpu", "device for the torch degradation ops ('cpu', 'cuda')")
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
+
+
 # configs/<folder>/*.yaml are validated against these schemas (tests load every file).
-SCHEMAS: dict[str, type] = {"model": ModelConfig, "demo": DemoConfig, "bench": BenchConfig}
+SCHEMAS: dict[str, type] = {"model": ModelConfig, "demo": DemoConfig, "bench": BenchConfig,
+                           "data": PrepareConfig}
 
 
 def _check_choices(obj: Any, source: str, prefix: str = "") -> None:

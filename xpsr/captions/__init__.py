@@ -1,0 +1,1 @@
+"""Captions: prompt cache, captioners, the caption runner."""

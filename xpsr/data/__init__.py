@@ -1,0 +1,1 @@
+"""Data: degradations, robust image I/O, LR/HR pairs, the paired dataset."""

@@ -163,7 +163,8 @@ def _check_choices(obj: Any, source: str, prefix: str = "") -> None:
             raise ConfigError(f"{source}: key '{key}' = {value!r} is not one of {list(f.metadata['choices'])}")
 
 
-def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
+                allow_missing: bool = False) -> T:
     """Defaults of ``schema`` <- YAML at ``path`` <- ``key=value`` overrides; returns a ``schema`` instance."""
     merged = OmegaConf.structured(schema)
     source = "defaults"
@@ -184,7 +185,13 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
         key = getattr(e, "full_key", None) or getattr(e, "key", None)
         reason = str(e).splitlines()[0]
         raise ConfigError(f"{source}: bad key '{key}': {reason}") from None
-    obj = OmegaConf.to_object(merged)
+    if allow_missing:  # validation of a config file whose mandatory keys come on the command line
+        merged = OmegaConf.merge(merged, {k: "<set on the command line>" for k in OmegaConf.missing_keys(merged)})
+    try:
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or getattr(e, "key", None)
+        raise ConfigError(f"{source}: key '{key}' needs a value ({str(e).splitlines()[0]})") from None
     _check_choices(obj, source)
     return obj  # type: ignore[return-value]
 

@@ -10,7 +10,18 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from xpsr.config import BenchConfig, ConfigError, DemoConfig, describe, load_config, to_dict
+from xpsr.config import (
+    BenchConfig,
+    CaptionConfig,
+    CaptionExportConfig,
+    CaptionImportConfig,
+    ConfigError,
+    DemoConfig,
+    PrepareConfig,
+    describe,
+    load_config,
+    to_dict,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -62,7 +73,55 @@ def cmd_bench(cfg: BenchConfig) -> int:
     return 0
 
 
+def cmd_prepare(cfg: PrepareConfig) -> int:
+    """HR folders (or an existing paired set) -> hr/, lr/, manifest.jsonl, report.json."""
+    from xpsr.data.pairs import prepare_pairs
+
+    try:
+        prepare_pairs(cfg)
+    except (RuntimeError, ValueError, FileNotFoundError) as e:
+        print(f"xpsr prepare: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_caption(cfg: CaptionConfig) -> int:
+    from xpsr.captions.run import run_captioning
+
+    run_captioning(cfg)
+    return 0
+
+
+def cmd_caption_export(cfg: CaptionExportConfig) -> int:
+    from xpsr.captions.cache import PromptCache
+
+    if not Path(cfg.cache).is_file():
+        print(f"xpsr caption-export: cache {cfg.cache} does not exist", file=sys.stderr)
+        return 1
+    with PromptCache(cfg.cache) as cache:
+        n = cache.export_jsonl(cfg.output)
+    print(f"caption-export: {n} rows -> {cfg.output}")
+    return 0
+
+
+def cmd_caption_import(cfg: CaptionImportConfig) -> int:
+    from xpsr.captions.cache import PromptCache
+
+    if not (cfg.jsonl or cfg.official_lr):
+        print("xpsr caption-import: give jsonl=FILE or official_lr=DIR", file=sys.stderr)
+        return 2
+    with PromptCache(cfg.cache) as cache:
+        n = cache.import_jsonl(cfg.jsonl) if cfg.jsonl else 0
+        n += cache.import_official(cfg.official_lr) if cfg.official_lr else 0
+    print(f"caption-import: {n} new rows in {cfg.cache}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[type, Callable, str]] = {
+    "prepare": (PrepareConfig, cmd_prepare, "make LR/HR pairs with the Real-ESRGAN degradation"),
+    "caption": (CaptionConfig, cmd_caption, "write content or quality prompts into the prompt cache"),
+    "caption-export": (CaptionExportConfig, cmd_caption_export, "prompt cache -> JSONL"),
+    "caption-import": (CaptionImportConfig, cmd_caption_import, "JSONL or the official prompt folders -> cache"),
     "demo": (DemoConfig, cmd_demo, "build the tiny model end to end and summarise it"),
     "bench": (BenchConfig, cmd_bench, "time one training step (JSON on stdout)"),
 }

@@ -148,9 +148,47 @@ class PrepareConfig:
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
 
 
+@dataclass
+class CaptionConfig:
+    """`xpsr caption`: write content or quality prompts of a folder of images into the prompt cache."""
+
+    images: str = doc("???", "folder of images to caption (recursive)")
+    cache: str = doc("???", "prompt cache file (SQLite)")
+    kind: str = choice("quality", ("content", "quality"), "which prompt this run writes")
+    captioner: str = choice("heuristic", ("llava", "quality", "heuristic", "fixed", "empty"),
+                            "llava / quality: an MLLM; heuristic: offline statistics; fixed/empty: ablations")
+    model: str = doc("llava-hf/llava-1.5-7b-hf", "MLLM: local folder or hub id")
+    revision: str | None = doc(None, "MLLM hub revision")
+    question: str | None = doc(None, "question to the MLLM; null = the paper's question for `kind`")
+    template: str | None = doc("USER: <image>\n{question} ASSISTANT:",
+                               "prompt template with {question}; null = the processor's chat template")
+    fixed_text: str = doc("", "text of the `fixed` captioner")
+    image_source: str = choice("lr", ("lr", "hr"), "which image of a pair is captioned (recorded with the prompt)")
+    batch_size: int = doc(8, "images per generate call (halved automatically on out-of-memory)")
+    max_new_tokens: int = doc(77, "longest answer in tokens")
+    num_beams: int = doc(1, "1 = greedy decoding")
+    dtype: str = choice("fp16", ("fp16", "bf16", "fp32"), "MLLM weights dtype (fp32 on CPU)")
+    device: str = doc("auto", "'auto' (the accelerate process's device), 'cpu', 'cuda'")
+    trust_remote_code: bool = doc(False, "allow models that ship their own code (only if you trust them)")
+    pause_s: float = doc(0.0, "sleep after each batch (shared machines, rate limits, crash tests)")
+
+
+@dataclass
+class CaptionExportConfig:
+    cache: str = doc("???", "prompt cache file")
+    output: str = doc("???", "JSONL file to write")
+
+
+@dataclass
+class CaptionImportConfig:
+    cache: str = doc("???", "prompt cache file (created if missing)")
+    jsonl: str | None = doc(None, "JSONL written by caption-export")
+    official_lr: str | None = doc(None, "official layout: LR/ folder with highlevel_prompt/ and lowlevel_prompt_q/ beside")
+
+
 # configs/<folder>/*.yaml are validated against these schemas (tests load every file).
 SCHEMAS: dict[str, type] = {"model": ModelConfig, "demo": DemoConfig, "bench": BenchConfig,
-                           "data": PrepareConfig}
+                           "data": PrepareConfig, "caption": CaptionConfig}
 
 
 def _check_choices(obj: Any, source: str, prefix: str = "") -> None:

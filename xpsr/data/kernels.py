@@ -7,7 +7,7 @@ All builders return float64 numpy arrays that sum to 1. ``theta`` is the rotatio
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import special

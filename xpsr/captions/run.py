@@ -1,0 +1,106 @@
+"""The caption runner: images -> prompts in the cache; resumable, shardable with accelerate, OOM-tolerant.
+
+    python scripts/caption.py images=pairs/lr cache=prompts.sqlite kind=content captioner=llava
+    accelerate launch scripts/caption.py ...   # N processes, disjoint shards, one shared cache file
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm import tqdm
+
+from xpsr.captions.cache import PromptCache, PromptRow
+from xpsr.captions.captioners import (
+    PAPER_CONTENT_QUESTION,
+    PAPER_QUALITY_QUESTION,
+    Captioner,
+    FixedCaptioner,
+    HeuristicCaptioner,
+    MLLMCaptioner,
+)
+from xpsr.config import CaptionConfig
+from xpsr.data.images import ImageError, file_hash, list_images, load_rgb
+
+
+def make_captioner(cfg: CaptionConfig, device: str) -> Captioner:
+    if cfg.captioner == "heuristic":
+        if cfg.kind != "quality":
+            raise ValueError("the heuristic captioner describes quality; use kind=quality")
+        return HeuristicCaptioner()
+    if cfg.captioner in ("fixed", "empty"):
+        return FixedCaptioner(cfg.fixed_text if cfg.captioner == "fixed" else "")
+    question = cfg.question or (PAPER_CONTENT_QUESTION if cfg.kind == "content" else PAPER_QUALITY_QUESTION)
+    return MLLMCaptioner(cfg.model, question, kind="llava" if cfg.captioner == "llava" else "auto",
+                         template=cfg.template, dtype=cfg.dtype, device=device, max_new_tokens=cfg.max_new_tokens,
+                         num_beams=cfg.num_beams, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def caption_with_backoff(captioner: Captioner, images: list, batch_size: int) -> tuple[list[str], int]:
+    """Caption ``images``; on out-of-memory retry with half the batch. Returns texts and the batch size that fit."""
+    while True:
+        try:
+            texts = []
+            for i in range(0, len(images), batch_size):
+                texts += captioner.caption(images[i:i + batch_size])
+            return texts, batch_size
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+            if not _is_oom(e) or batch_size == 1:
+                raise
+            batch_size //= 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            print(f"caption: out of memory, retrying with batch size {batch_size}")
+
+
+def run_captioning(cfg: CaptionConfig) -> dict:
+    """Caption this process's shard of ``cfg.images`` into ``cfg.cache``; returns counts and speed."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    rank, world = state.process_index, state.num_processes
+    device = str(state.device) if cfg.device == "auto" else cfg.device
+    images = list_images([cfg.images])[rank::world]  # disjoint shards: no two processes caption one image
+    captioner = make_captioner(cfg, device)
+    skipped: list[str] = []
+    with PromptCache(cfg.cache) as cache:
+        done = cache.done_hashes(cfg.kind, captioner.id, captioner.question)
+        todo = []
+        for path in images:
+            h = file_hash(path)
+            if h not in done:
+                todo.append((path, h))
+                done.add(h)  # identical files are captioned once
+        batch_size, written, start = cfg.batch_size, 0, time.perf_counter()
+        bar = tqdm(total=len(todo), desc=f"caption {cfg.kind} [{rank}/{world}]", unit="img", disable=rank != 0)
+        for i in range(0, len(todo), cfg.batch_size):
+            chunk, pixels = [], []
+            for path, h in todo[i:i + cfg.batch_size]:
+                try:
+                    pixels.append(load_rgb(path)[0])
+                    chunk.append((path, h))
+                except ImageError as e:
+                    skipped.append(str(e))
+            if chunk:
+                texts, batch_size = caption_with_backoff(captioner, pixels, batch_size)
+                written += cache.put_many(
+                    PromptRow(h, cfg.kind, captioner.id, captioner.question, text, captioner.revision,
+                              cfg.image_source, str(path)) for (path, h), text in zip(chunk, texts))
+            bar.update(len(todo[i:i + cfg.batch_size]))
+            bar.set_postfix(img_per_s=f"{written / max(time.perf_counter() - start, 1e-9):.1f}")
+            if cfg.pause_s:
+                time.sleep(cfg.pause_s)
+        bar.close()
+    seconds = time.perf_counter() - start
+    stats = {"rank": rank, "world": world, "images": len(images), "captioned": written,
+             "already_cached": len(images) - len(todo), "skipped": skipped, "seconds": round(seconds, 3),
+             "images_per_s": round(written / seconds, 2) if seconds > 0 else None, "captioner": captioner.id}
+    print(f"caption [{rank}/{world}]: {written} new {cfg.kind} prompts ({stats['images_per_s']} img/s), "
+          f"{stats['already_cached']} already cached, {len(skipped)} unreadable")
+    for reason in skipped:
+        print(f"  skipped: {reason}")
+    return stats

@@ -183,7 +183,8 @@ class CaptionExportConfig:
 class CaptionImportConfig:
     cache: str = doc("???", "prompt cache file (created if missing)")
     jsonl: str | None = doc(None, "JSONL written by caption-export")
-    official_lr: str | None = doc(None, "official layout: LR/ folder with highlevel_prompt/ and lowlevel_prompt_q/ beside")
+    official_lr: str | None = doc(None, "official layout: an LR/ folder with highlevel_prompt/ and "
+                                        "lowlevel_prompt_q/ beside it")
 
 
 # configs/<folder>/*.yaml are validated against these schemas (tests load every file).

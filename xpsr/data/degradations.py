@@ -66,7 +66,8 @@ def sample_degradation(cfg: DegradationConfig, rng: np.random.Generator) -> dict
     sinc = None
     if rng.uniform() < cfg.final_sinc_prob:
         size = int(rng.choice(cfg.final_sinc_sizes))
-        sinc = {"kind": "sinc", "size": size, "cutoff": float(rng.uniform(np.pi / 3, np.pi)), "pad_to": cfg.kernel_pad_to}
+        sinc = {"kind": "sinc", "size": size, "cutoff": float(rng.uniform(np.pi / 3, np.pi)),
+                "pad_to": cfg.kernel_pad_to}
     params["final"] = {
         "jpeg_first": bool(rng.uniform() < 0.5),
         "mode": str(rng.choice(s2.resize_modes)),

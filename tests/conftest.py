@@ -67,3 +67,24 @@ def randomize_zero_inits(*models, seed: int = 1) -> None:
             for p in model.parameters():
                 if p.requires_grad and p.abs().max() == 0:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def make_sources(folder: Path, n: int = 3, size: int = 96) -> Path:
+    """A few real photos (scikit-image sample data, shipped offline), resized to ``size`` px."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ["astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry"][:n]:
+        img = Image.fromarray(np.asarray(getattr(skimage.data, name)())).convert("RGB")
+        img.resize((size + 17, size), Image.BICUBIC).save(folder / f"{name}.png")
+    return folder
+
+
+def prepare_config(inputs, out, **overrides):
+    from xpsr.config import PrepareConfig, load_config
+
+    args = [f"inputs=[{','.join(str(i) for i in inputs)}]", f"output_dir={out}", "crop_size=64"]
+    args += [f"{k}={v}" for k, v in overrides.items()]
+    return load_config(PrepareConfig, REPO / "configs" / "data" / "xpsr.yaml", args)

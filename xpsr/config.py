@@ -187,6 +187,26 @@ class CaptionImportConfig:
                                         "lowlevel_prompt_q/ beside it")
 
 
+@dataclass
+class DatasetConfig:
+    """The paired training dataset: pair folders written by `prepare` + the prompt cache."""
+
+    pairs: list[str] = doc([], "folders written by `xpsr prepare` (each with manifest.jsonl)")
+    weights: list[float] | None = doc(None, "sampling weight of each folder; null = proportional to size")
+    cache: str | None = doc(None, "prompt cache file; null = no prompts (only with missing_prompt=empty)")
+    content_captioner: str | None = doc(None, "captioner id of the content prompts; null = the newest per image")
+    quality_captioner: str | None = doc(None, "captioner id of the quality prompts; null = the newest per image")
+    missing_prompt: str = choice("error", ("error", "empty"), "a pair without a prompt: fail naming it, or use ''")
+    crop_size: int = doc(512, "HR training crop (a multiple of the scale); LR crop = crop_size / scale")
+    hflip: bool = doc(True, "random horizontal flip (same for LR and HR)")
+    original_image_ratio: float = doc(0.1, "probability of conditioning on the HR image itself, with its own "
+                                           "quality prompt (official `original_image_ratio`)")
+    content_dropout: float = doc(0.0, "probability of an empty content prompt (for classifier-free guidance)")
+    quality_dropout: float = doc(0.0, "probability of an empty quality prompt (for classifier-free guidance)")
+    return_lr: bool = doc(False, "also return the native-size LR crop")
+    seed: int = doc(0, "seed of the per-sample randomness (crop, flip, dropout)")
+
+
 # configs/<folder>/*.yaml are validated against these schemas (tests load every file).
 SCHEMAS: dict[str, type] = {"model": ModelConfig, "demo": DemoConfig, "bench": BenchConfig,
                            "data": PrepareConfig, "caption": CaptionConfig}

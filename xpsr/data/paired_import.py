@@ -44,6 +44,8 @@ def import_paired(cfg: PrepareConfig) -> dict:
             save_png_atomic(lr, out / "lr" / f"{pid}.png")
             writer.write({"id": pid, "hr": f"hr/{pid}.png", "lr": f"lr/{pid}.png", "source": str(hr_path),
                           "source_lr": str(lr_path), "source_hash": file_hash(hr_path), "scale": cfg.scale,
+                          "hr_hash": file_hash(out / "hr" / f"{pid}.png"),
+                          "lr_hash": file_hash(out / "lr" / f"{pid}.png"),
                           "imported": True, "notes": hr_notes + lr_notes,
                           "crop_box": [0, 0, hr.shape[1], hr.shape[0]]})
             made += 1

@@ -104,6 +104,7 @@ def process_job(job: Job, cfg: PrepareConfig) -> dict:
         save_png_atomic((lr * 255).round().astype(np.uint8), out / "lr" / f"{pid}.png")
         result["records"].append({
             "id": pid, "hr": f"hr/{pid}.png", "lr": f"lr/{pid}.png", "source": str(job.source),
+            "hr_hash": file_hash(out / "hr" / f"{pid}.png"), "lr_hash": file_hash(out / "lr" / f"{pid}.png"),
             "source_hash": job.source_hash, "crop_box": [x, y, cfg.crop_size, cfg.crop_size], "scale": cfg.scale,
             "seed": cfg.seed, "crop_index": crop, "variant": variant, "usm": d.usm_gt, "degradation": params,
             "notes": notes,

@@ -1,0 +1,145 @@
+"""PairedPromptDataset: LR/HR pairs from `prepare` folders with their prompts from the cache.
+
+Each sample: ``hr`` (3, H, W) in [-1, 1]; ``lr_cond`` = LR bicubic-upsampled to HR size in [0, 1] (the
+ControlNet condition, official convention); optionally ``lr`` at native size; ``content_prompt``,
+``quality_prompt``; ``id``; ``hr_as_condition``. Prompts are resolved once at construction (workers
+never touch SQLite) and a missing one fails there, naming the pair. Randomness per sample comes from
+(seed, epoch, index), so a run can be resumed exactly.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import ConcatDataset, Dataset, WeightedRandomSampler
+
+from xpsr.config import DatasetConfig
+from xpsr.data.images import file_hash, load_rgb
+from xpsr.data.pairs import read_manifest
+
+
+class MissingPromptError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _to_tensor(img: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255.0
+
+
+class PairedPromptDataset(Dataset):
+    """One `prepare` folder. Use :func:`build_dataset` to combine several with weights."""
+
+    def __init__(self, folder: str | Path, cfg: DatasetConfig):
+        self.folder, self.cfg, self.epoch = Path(folder), cfg, 0
+        manifest = self.folder / "manifest.jsonl"
+        if not manifest.is_file():
+            raise FileNotFoundError(f"{manifest} does not exist: run `xpsr prepare` with output_dir={self.folder}")
+        self.records = read_manifest(manifest)
+        if not self.records:
+            raise ValueError(f"{manifest} lists no pairs")
+        scales = {r["scale"] for r in self.records}
+        if len(scales) != 1:
+            raise ValueError(f"{manifest} mixes scales {sorted(scales)}")
+        self.scale = scales.pop()
+        if cfg.crop_size % self.scale:
+            raise ValueError(f"crop_size {cfg.crop_size} is not a multiple of the scale x{self.scale}")
+        self.prompts = self._resolve_prompts()
+
+    def _resolve_prompts(self) -> list[tuple[str, str, str]]:
+        """(content, quality, quality of the HR image) per record, from the cache."""
+        cfg = self.cfg
+        need_hr_quality = cfg.original_image_ratio > 0
+        out, missing = [], []
+        cache = None
+        if cfg.cache is not None:
+            from xpsr.captions.cache import PromptCache
+
+            if not Path(cfg.cache).is_file():
+                raise FileNotFoundError(f"prompt cache {cfg.cache} does not exist: run `xpsr caption` first")
+            cache = PromptCache(cfg.cache)
+        try:
+            for r in self.records:
+                lr_hash = r.get("lr_hash") or file_hash(self.folder / r["lr"])
+                hr_hash = r.get("hr_hash") or file_hash(self.folder / r["hr"])
+                found = {}
+                for name, h, kind, captioner, needed in (
+                    ("content", lr_hash, "content", cfg.content_captioner, True),
+                    ("quality", lr_hash, "quality", cfg.quality_captioner, True),
+                    ("hr_quality", hr_hash, "quality", cfg.quality_captioner, need_hr_quality),
+                ):
+                    text = cache.lookup(h, kind, captioner) if cache is not None and needed else None
+                    if text is None and needed:
+                        missing.append(f"{r['id']} ({name}, {r['lr'] if name != 'hr_quality' else r['hr']})")
+                    found[name] = text or ""
+                out.append((found["content"], found["quality"], found["hr_quality"]))
+        finally:
+            if cache is not None:
+                cache.close()
+        if missing and cfg.missing_prompt == "error":
+            shown = "\n  ".join(missing[:10]) + (f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else "")
+            raise MissingPromptError(
+                f"{len(missing)} prompts missing for pairs in {self.folder} (cache {cfg.cache}):\n  {shown}\n"
+                "Caption them (`xpsr caption`, kind=content/quality; the HR images too when original_image_ratio > 0) "
+                "or set missing_prompt=empty."
+            )
+        return out
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        cfg, r = self.cfg, self.records[index]
+        rng = np.random.default_rng([cfg.seed, self.epoch, index])
+        hr, _ = load_rgb(self.folder / r["hr"])
+        lr, _ = load_rgb(self.folder / r["lr"])
+        s, c = self.scale, cfg.crop_size
+        if hr.shape[:2] != (lr.shape[0] * s, lr.shape[1] * s):
+            raise ValueError(f"pair {r['id']} in {self.folder}: HR {hr.shape[:2]} is not x{s} of LR {lr.shape[:2]}")
+        lc = c // s
+        if lr.shape[0] < lc or lr.shape[1] < lc:
+            raise ValueError(f"pair {r['id']}: LR {lr.shape[1]}x{lr.shape[0]} is smaller than the {lc}px crop")
+        y, x = int(rng.integers(0, lr.shape[0] - lc + 1)), int(rng.integers(0, lr.shape[1] - lc + 1))
+        lr = lr[y:y + lc, x:x + lc]
+        hr = hr[y * s:(y + lc) * s, x * s:(x + lc) * s]
+        if cfg.hflip and rng.uniform() < 0.5:
+            lr, hr = lr[:, ::-1], hr[:, ::-1]
+        content, quality, hr_quality = self.prompts[index]
+        hr_t, lr_t = _to_tensor(hr), _to_tensor(lr)
+        hr_as_condition = bool(rng.uniform() < cfg.original_image_ratio)
+        if hr_as_condition:
+            lr_cond, quality = hr_t.clone(), hr_quality
+        else:
+            lr_cond = F.interpolate(lr_t[None], size=hr_t.shape[-2:], mode="bicubic", align_corners=False)[0]
+        if rng.uniform() < cfg.content_dropout:
+            content = ""
+        if rng.uniform() < cfg.quality_dropout:
+            quality = ""
+        sample = {"hr": hr_t * 2 - 1, "lr_cond": lr_cond.clamp(0, 1), "content_prompt": content,
+                  "quality_prompt": quality, "id": r["id"], "hr_as_condition": hr_as_condition}
+        if cfg.return_lr:
+            sample["lr"] = lr_t
+        return sample
+
+
+def build_dataset(cfg: DatasetConfig, num_samples: int | None = None):
+    """All ``cfg.pairs`` folders as one dataset plus a sampler that honours ``cfg.weights``.
+
+    Returns ``(dataset, sampler)``; the sampler draws ``num_samples`` (default: the total size) indices
+    so that folder i is picked with probability weights[i] / sum(weights).
+    """
+    if not cfg.pairs:
+        raise ValueError("dataset: `pairs` is empty; list the folders written by `xpsr prepare`")
+    parts = [PairedPromptDataset(folder, cfg) for folder in cfg.pairs]
+    weights = cfg.weights if cfg.weights is not None else [len(p) for p in parts]
+    if len(weights) != len(parts):
+        raise ValueError(f"dataset: {len(weights)} weights for {len(parts)} folders")
+    per_sample = torch.cat([torch.full((len(p),), w / len(p), dtype=torch.float64) for p, w in zip(parts, weights)])
+    generator = torch.Generator().manual_seed(cfg.seed)
+    sampler = WeightedRandomSampler(per_sample, num_samples or len(per_sample), replacement=True, generator=generator)
+    return ConcatDataset(parts), sampler

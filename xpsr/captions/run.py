@@ -61,7 +61,8 @@ def run_captioning(cfg: CaptionConfig) -> dict:
     """Caption this process's shard of ``cfg.images`` into ``cfg.cache``; returns counts and speed."""
     from accelerate import PartialState
 
-    state = PartialState()
+    # On CPU, accelerate only forms a process group when told so (`accelerate launch --cpu`, torchrun env).
+    state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
     rank, world = state.process_index, state.num_processes
     device = str(state.device) if cfg.device == "auto" else cfg.device
     images = list_images([cfg.images])[rank::world]  # disjoint shards: no two processes caption one image

@@ -9,8 +9,8 @@ import time
 import cv2
 import numpy as np
 import pytest
-
 from conftest import REPO
+
 from xpsr.captions.cache import PromptCache, PromptRow
 from xpsr.captions.captioners import PAPER_CONTENT_QUESTION, FixedCaptioner, MLLMCaptioner
 from xpsr.captions.heuristic import measure

@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import DATA
 from safetensors.numpy import load_file
 
-from conftest import DATA
 from xpsr.config import DegradationConfig
 from xpsr.data import kernels as K
 from xpsr.data.degradations import degrade, jpeg, sample_degradation, usm_sharpen

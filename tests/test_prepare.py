@@ -5,9 +5,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import REPO, make_sources, prepare_config
 from PIL import Image
 
-from conftest import REPO, make_sources, prepare_config
 from xpsr.data.pairs import prepare_pairs, read_manifest
 
 

@@ -46,7 +46,8 @@ def _caption_all(folder, cache_path, hr_too=True):
 
 
 def _cfg(folder, cache, **kw):
-    base = dict(pairs=[str(folder)], cache=str(cache) if cache else None, crop_size=16, original_image_ratio=0.0, hflip=False)
+    base = dict(pairs=[str(folder)], cache=str(cache) if cache else None, crop_size=16, original_image_ratio=0.0,
+                hflip=False)
     base.update(kw)
     return DatasetConfig(**base)
 

@@ -67,6 +67,11 @@ def cmd_demo(cfg: DemoConfig) -> int:
 
 def cmd_bench(cfg: BenchConfig) -> int:
     """Time one training step; JSON on stdout."""
+    if cfg.what == "data":
+        from xpsr.bench_data import run_data_bench
+
+        print(json.dumps(run_data_bench(cfg), indent=2))
+        return 0
     from xpsr.bench import run_bench
 
     print(json.dumps(run_bench(cfg), indent=2))

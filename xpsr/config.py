@@ -62,7 +62,8 @@ class DemoConfig:
 
 @dataclass
 class BenchConfig:
-    what: str = choice("train", ("train",), "what to time: one training step (forward + backward + AdamW)")
+    what: str = choice("train", ("train", "data"), "train: one training step (forward + backward + AdamW); "
+                       "data: prepare pairs/s, heuristic captions/s, dataset samples/s")
     preset: str = choice("tiny", ("tiny", "sd15", "sd21"), "model shapes; sd15/sd21 use random weights")
     resolution: int = doc(64, "HR image size in pixels (latents are 1/8)")
     batch_size: int = doc(2, "images per step")
@@ -74,6 +75,7 @@ class BenchConfig:
     compile: bool = doc(False, "torch.compile the UNet and ControlNet")
     fusion_mode: str = choice("sfa", FUSION_MODES, "fusion mode of the benchmarked model")
     seed: int = doc(0, "random seed")
+    workers: int = doc(2, "what=data: worker processes of prepare and of the DataLoader")
 
 
 @dataclass

@@ -84,6 +84,9 @@ def test_test_set_mode_takes_one_centre_crop(tmp_path):
     for r in records:
         x, y, w, h = r["crop_box"]
         assert (w, h) == (64, 64) and x == (96 + 17 - 64) // 2 and y == (96 - 64) // 2
+    prepare_pairs(prepare_config([src], tmp_path / "seeded", test_set=True, test_crop="seeded"))
+    boxes = [r["crop_box"] for r in read_manifest(tmp_path / "seeded" / "manifest.jsonl")]
+    assert len(boxes) == 3 and boxes != [r["crop_box"] for r in records]
 
 
 def test_import_of_an_existing_paired_set(tmp_path):

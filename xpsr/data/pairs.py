@@ -92,7 +92,8 @@ def process_job(job: Job, cfg: PrepareConfig) -> dict:
     device = torch.device(cfg.device)
     seed_base = [cfg.seed, int(job.source_hash, 16) % 2**63]
     for crop, variant in job.pairs:
-        y, x = _crop_box(np.random.default_rng(seed_base + [crop]), h, w, cfg.crop_size, cfg.test_set)
+        centre = cfg.test_set and cfg.test_crop == "centre"
+        y, x = _crop_box(np.random.default_rng(seed_base + [crop]), h, w, cfg.crop_size, centre)
         gt = img[y:y + cfg.crop_size, x:x + cfg.crop_size].astype(np.float32) / 255.0
         params = sample_degradation(cfg.degradation, np.random.default_rng(seed_base + [crop, variant]))
         hr_t = torch.from_numpy(np.ascontiguousarray(gt)).permute(2, 0, 1)[None].to(device)

@@ -132,10 +132,25 @@ def test_weighted_combination(tmp_path):
     a = _pairs(tmp_path / "a", n=2)
     b = _pairs(tmp_path / "b", n=8, seed=1)
     cfg = DatasetConfig(pairs=[str(a), str(b)], weights=[3.0, 1.0], missing_prompt="empty", crop_size=16)
-    dataset, sampler = build_dataset(cfg, num_samples=4000)
+    dataset, sampler = build_dataset(cfg)
     assert len(dataset) == 10
-    picks = torch.tensor(list(sampler))
+    stream = iter(sampler)
+    picks = torch.tensor([next(stream)[0] for _ in range(4000)])
     share_a = (picks < 2).float().mean().item()
     assert abs(share_a - 0.75) < 0.04
+    assert dataset[(9, 0)]["id"] == "p7" and dataset[0]["id"] == "p0"
     with pytest.raises(ValueError, match="weights"):
         build_dataset(DatasetConfig(pairs=[str(a)], weights=[1.0, 2.0], missing_prompt="empty", crop_size=16))
+
+
+def test_stream_sampler_resumes_exactly_and_shards(tmp_path):
+    from itertools import islice
+
+    from xpsr.data.dataset import WeightedStreamSampler
+
+    w = torch.rand(7)
+    full = list(islice(iter(WeightedStreamSampler(w, seed=3)), 40))
+    resumed = list(islice(iter(WeightedStreamSampler(w, seed=3, start=25)), 15))
+    assert resumed == full[25:]
+    ranks = [list(islice(iter(WeightedStreamSampler(w, seed=3, rank=r, world=2)), 20)) for r in (0, 1)]
+    assert ranks[0] == full[0::2] and ranks[1] == full[1::2]

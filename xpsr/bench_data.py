@@ -42,11 +42,13 @@ def run_data_bench(cfg: BenchConfig) -> dict:
                             kind="quality", batch_size=64, device="cpu")
         result["heuristic_captions_per_s"] = run_captioning(cap)["images_per_s"]
         ds_cfg = DatasetConfig(pairs=[str(tmp / "pairs")], missing_prompt="empty", crop_size=cfg.resolution)
-        dataset, sampler = build_dataset(ds_cfg, num_samples=cfg.steps * 4)
+        dataset, sampler = build_dataset(ds_cfg)
         loader = torch.utils.data.DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=cfg.workers)
         start, n = time.perf_counter(), 0
-        for batch in loader:
+        for step, batch in enumerate(loader):
             n += batch["hr"].shape[0]
+            if step + 1 == cfg.steps:
+                break
         result["dataset_samples_per_s"] = round(n / (time.perf_counter() - start), 2)
         result["dataset_workers"] = cfg.workers
     return result

@@ -18,6 +18,7 @@ from xpsr.config import (
     ConfigError,
     DemoConfig,
     PrepareConfig,
+    TrainConfig,
     describe,
     load_config,
     to_dict,
@@ -90,6 +91,22 @@ def cmd_prepare(cfg: PrepareConfig) -> int:
     return 0
 
 
+def cmd_train(cfg: TrainConfig) -> int:
+    """Train XPSR; exit 1 with a readable message on a non-finite loss or a data/model problem."""
+    from xpsr.data.dataset import MissingPromptError
+    from xpsr.models.build import MissingWeightsError
+    from xpsr.training.loop import NonFiniteLossError, run_training
+
+    try:
+        summary = run_training(cfg)
+    except (NonFiniteLossError, MissingPromptError, MissingWeightsError, FileNotFoundError, ValueError) as e:
+        print(f"xpsr train: {e}", file=sys.stderr)
+        return 1
+    print(f"train: {summary['steps']} steps in {summary['seconds']}s ({summary['steps_per_s']} steps/s), "
+          f"last losses {summary['last']}")
+    return 0
+
+
 def cmd_caption(cfg: CaptionConfig) -> int:
     from xpsr.captions.run import run_captioning
 
@@ -124,6 +141,7 @@ def cmd_caption_import(cfg: CaptionImportConfig) -> int:
 
 COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "prepare": (PrepareConfig, cmd_prepare, "make LR/HR pairs with the Real-ESRGAN degradation"),
+    "train": (TrainConfig, cmd_train, "train XPSR (use `accelerate launch scripts/train.py` for several GPUs)"),
     "caption": (CaptionConfig, cmd_caption, "write content or quality prompts into the prompt cache"),
     "caption-export": (CaptionExportConfig, cmd_caption_export, "prompt cache -> JSONL"),
     "caption-import": (CaptionImportConfig, cmd_caption_import, "JSONL or the official prompt folders -> cache"),

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
@@ -210,9 +210,69 @@ class DatasetConfig:
     seed: int = doc(0, "seed of the per-sample randomness (crop, flip, dropout)")
 
 
+@dataclass
+class DFCConfig:
+    """Degradation-free constraint terms of the training loss."""
+
+    weight: float = doc(0.05, "lambda: every DFC term is multiplied by it (paper and official code: 0.05)")
+    pixel: bool = doc(True, "pixel-space terms (RGB side outputs vs resized HR)")
+    latent: bool = doc(True, "latent-space terms (latent heads vs resized HR latents)")
+    latent_scales: str = choice("all", ("all", "paper"),
+                                "all: one term per ControlNet residual + mid (official, 13 for SD 1.5); "
+                                "paper: one term at each of the 3 finest latent resolutions")
+
+
+@dataclass
+class ValidationConfig:
+    every: int = doc(0, "validate every N steps (0 = never)")
+    num_images: int = doc(2, "validation pairs, taken in order from the first data folder")
+    num_inference_steps: int = doc(20, "sampling steps of the validation run")
+    guidance_scale: float = doc(5.5, "classifier-free guidance of the validation run")
+    use_ema: bool = doc(True, "sample with the EMA weights when EMA is on")
+
+
+@dataclass
+class TrainConfig:
+    """`xpsr train`: one recipe = model + data + optimisation + logging."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DatasetConfig = field(default_factory=DatasetConfig)
+    demo_data: bool = doc(False, "make a small dataset from bundled sample photos under output_dir (tiny recipe)")
+    output_dir: str = doc("???", "run directory: checkpoints/, final/, logs/, samples/, config.yaml")
+    max_steps: int = doc(1000, "optimizer steps")
+    seed: int = doc(0, "seed of data order, noise, timesteps and fresh weights")
+    resume: str | None = doc(None, "'latest', a checkpoint folder, or null")
+    batch_size: int = doc(2, "images per process per micro-step")
+    gradient_accumulation_steps: int = doc(1, "micro-steps per optimizer step")
+    learning_rate: float = doc(5e-5, "AdamW learning rate")
+    lr_scheduler: str = choice("constant", ("constant", "constant_with_warmup", "linear", "cosine"), "LR schedule")
+    lr_warmup_steps: int = doc(0, "warm-up steps of the schedule")
+    adam_beta1: float = doc(0.9, "AdamW beta1")
+    adam_beta2: float = doc(0.999, "AdamW beta2")
+    adam_weight_decay: float = doc(1e-2, "AdamW weight decay")
+    adam_epsilon: float = doc(1e-8, "AdamW epsilon")
+    use_8bit_adam: bool = doc(False, "bitsandbytes AdamW8bit (needs a CUDA build of bitsandbytes)")
+    max_grad_norm: float = doc(1.0, "gradient clipping (0 = off)")
+    mixed_precision: str = choice("no", ("no", "fp16", "bf16"), "autocast dtype; frozen weights are cast to it")
+    allow_tf32: bool = doc(False, "TF32 matmuls on Ampere+ GPUs")
+    compile: bool = doc(False, "torch.compile the UNet and ControlNet")
+    use_ema: bool = doc(False, "keep an exponential moving average of the trainable weights")
+    ema_decay: float = doc(0.9999, "EMA decay")
+    content_prompt: str = choice("caption", ("caption", "empty"),
+                                 "caption: the cached content prompt (paper); empty: '' (the official release)")
+    dfc: DFCConfig = field(default_factory=DFCConfig)
+    checkpoint_every: int = doc(500, "write checkpoints/step-N every N steps")
+    checkpoints_total_limit: int | None = doc(3, "keep at most this many checkpoints (null = all)")
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    report_to: str = choice("tensorboard", ("tensorboard", "wandb", "none"), "experiment logger")
+    log_every: int = doc(10, "log losses every N steps")
+    num_workers: int = doc(2, "DataLoader workers")
+    device: str = doc("auto", "'auto' (accelerate decides), or 'cpu' to force the CPU")
+
+
 # configs/<folder>/*.yaml are validated against these schemas (tests load every file).
 SCHEMAS: dict[str, type] = {"model": ModelConfig, "demo": DemoConfig, "bench": BenchConfig,
-                           "data": PrepareConfig, "caption": CaptionConfig}
+                           "data": PrepareConfig, "caption": CaptionConfig, "train": TrainConfig}
 
 
 def _check_choices(obj: Any, source: str, prefix: str = "") -> None:
@@ -223,6 +283,20 @@ def _check_choices(obj: Any, source: str, prefix: str = "") -> None:
             _check_choices(value, source, key + ".")
         elif "choices" in f.metadata and value not in f.metadata["choices"]:
             raise ConfigError(f"{source}: key '{key}' = {value!r} is not one of {list(f.metadata['choices'])}")
+
+
+def _load_with_inherit(path: Path, seen: tuple = ()) -> Any:
+    """A YAML file; its optional top-level ``inherit: OTHER.yaml`` (relative to it) is loaded first."""
+    if path in seen:
+        raise ConfigError(f"{path}: `inherit` loops back to itself")
+    node = OmegaConf.load(path)
+    parent = node.pop("inherit", None) if isinstance(node, DictConfig) else None
+    if parent is None:
+        return node
+    parent_path = (path.parent / str(parent)).resolve()
+    if not parent_path.is_file():
+        raise ConfigError(f"{path}: inherit target {parent_path} does not exist")
+    return OmegaConf.merge(_load_with_inherit(parent_path, seen + (path,)), node)
 
 
 def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
@@ -236,7 +310,7 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
             source = str(path)
             if not path.is_file():
                 raise ConfigError(f"config file {path} does not exist")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, _load_with_inherit(path))
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key=value, got {bad}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import ConcatDataset, Dataset, WeightedRandomSampler
+from torch.utils.data import Dataset, Sampler
 
 from xpsr.config import DatasetConfig
 from xpsr.data.images import file_hash, load_rgb
@@ -93,9 +93,11 @@ class PairedPromptDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """``key``: an index, or ``(index, epoch)`` to fix the sample's randomness explicitly."""
+        index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         cfg, r = self.cfg, self.records[index]
-        rng = np.random.default_rng([cfg.seed, self.epoch, index])
+        rng = np.random.default_rng([cfg.seed, epoch, index])
         hr, _ = load_rgb(self.folder / r["hr"])
         lr, _ = load_rgb(self.folder / r["lr"])
         s, c = self.scale, cfg.crop_size
@@ -127,11 +129,62 @@ class PairedPromptDataset(Dataset):
         return sample
 
 
-def build_dataset(cfg: DatasetConfig, num_samples: int | None = None):
-    """All ``cfg.pairs`` folders as one dataset plus a sampler that honours ``cfg.weights``.
+class CombinedDataset(Dataset):
+    """Several datasets behind one index space; keys may carry an epoch: ``(index, epoch)``."""
 
-    Returns ``(dataset, sampler)``; the sampler draws ``num_samples`` (default: the total size) indices
-    so that folder i is picked with probability weights[i] / sum(weights).
+    def __init__(self, parts: list[PairedPromptDataset]):
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, epoch = key if isinstance(key, tuple) else (key, None)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        part = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        local = index - int(self.offsets[part])
+        return self.parts[part][(local, epoch) if epoch is not None else local]
+
+
+class WeightedStreamSampler(Sampler):
+    """An endless, resumable stream of ``(index, block)`` keys drawn with replacement by weight.
+
+    Draws come in blocks of ``len(weights)``; block b is drawn with a generator seeded by (seed, b), so
+    the k-th key of the stream is a pure function of (seed, k): resuming at ``start`` gives exactly
+    the keys an uninterrupted run would have seen. With ``world`` processes, rank r takes keys r, r+world, ...
+    The block number doubles as the epoch of the sample's crop/flip randomness.
+    """
+
+    def __init__(self, weights: torch.Tensor, seed: int = 0, rank: int = 0, world: int = 1, start: int = 0):
+        self.weights = weights.double()
+        self.seed, self.rank, self.world, self.start = seed, rank, world, start
+
+    def _block(self, b: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + b)
+        return torch.multinomial(self.weights, len(self.weights), replacement=True, generator=g)
+
+    def __iter__(self):
+        n = len(self.weights)
+        k = self.start * self.world + self.rank  # global position of this rank's next key
+        block_id, block = -1, None
+        while True:
+            b = k // n
+            if b != block_id:
+                block_id, block = b, self._block(b)
+            yield int(block[k % n]), b
+            k += self.world
+
+    def __len__(self) -> int:  # endless; DataLoader only needs a number for progress displays
+        return 2**31 - 1
+
+
+def build_dataset(cfg: DatasetConfig, rank: int = 0, world: int = 1, start: int = 0):
+    """All ``cfg.pairs`` folders as one dataset plus a resumable weighted sampler.
+
+    Folder i is drawn with probability weights[i] / sum(weights) (default: proportional to its size).
+    ``start`` = samples this rank has already consumed (for resuming).
     """
     if not cfg.pairs:
         raise ValueError("dataset: `pairs` is empty; list the folders written by `xpsr prepare`")
@@ -140,6 +193,4 @@ def build_dataset(cfg: DatasetConfig, num_samples: int | None = None):
     if len(weights) != len(parts):
         raise ValueError(f"dataset: {len(weights)} weights for {len(parts)} folders")
     per_sample = torch.cat([torch.full((len(p),), w / len(p), dtype=torch.float64) for p, w in zip(parts, weights)])
-    generator = torch.Generator().manual_seed(cfg.seed)
-    sampler = WeightedRandomSampler(per_sample, num_samples or len(per_sample), replacement=True, generator=generator)
-    return ConcatDataset(parts), sampler
+    return CombinedDataset(parts), WeightedStreamSampler(per_sample, cfg.seed, rank, world, start)

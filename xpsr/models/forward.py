@@ -6,6 +6,15 @@ import torch
 from xpsr.models.controlnet import XPSRControlNetOutput
 
 
+def unwrap(model):
+    """The module inside DDP / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
+
+
 def predict_noise(unet, controlnet, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
                   content_embeds: torch.Tensor, quality_embeds: torch.Tensor | None, lr_cond: torch.Tensor,
                   conditioning_scale: float = 1.0) -> tuple[torch.Tensor, XPSRControlNetOutput]:
@@ -13,7 +22,7 @@ def predict_noise(unet, controlnet, noisy_latents: torch.Tensor, timesteps: torc
     control = controlnet(noisy_latents, timesteps, encoder_hidden_states=content_embeds,
                          controlnet_cond=lr_cond, quality_embeds=quality_embeds,
                          conditioning_scale=conditioning_scale)
-    extra = {"quality_embeds": quality_embeds} if hasattr(unet, "_route_residuals") else {}
+    extra = {"quality_embeds": quality_embeds} if hasattr(unwrap(unet), "_route_residuals") else {}
     sample = unet(noisy_latents, timesteps, encoder_hidden_states=content_embeds,
                   down_block_additional_residuals=control.down_block_res_samples,
                   mid_block_additional_residual=control.mid_block_res_sample, **extra).sample

@@ -1,0 +1,1 @@
+"""Inference: sampling loop (shared with validation)."""

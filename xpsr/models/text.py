@@ -1,0 +1,16 @@
+"""Prompt encoding with the frozen CLIP text encoder: each distinct prompt of a batch is encoded once."""
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], device=None) -> torch.Tensor:
+    """(len(prompts), 77, D) embeddings; duplicates (often many "" or repeated captions) share one pass."""
+    unique = list(dict.fromkeys(prompts))
+    ids = tokenizer(unique, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    device = device or next(text_encoder.parameters()).device
+    embeds = text_encoder(ids.to(device))[0]
+    index = torch.tensor([unique.index(p) for p in prompts], device=embeds.device)
+    return embeds.index_select(0, index)

@@ -1,0 +1,1 @@
+"""Training: the step (loss) and the accelerate loop."""

@@ -1,0 +1,82 @@
+"""One XPSR training step, top to bottom: encode, noise, predict, noise loss + lambda * DFC."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from xpsr.config import DFCConfig
+from xpsr.models.dfc import dfc_loss
+from xpsr.models.forward import predict_noise
+from xpsr.models.text import encode_prompts
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]  # every loss component, for logging and for the non-finite check
+
+
+def paper_latent_indices(latent_preds: list[torch.Tensor], n_scales: int = 3) -> list[int]:
+    """One latent DFC term per resolution for the ``n_scales`` finest ones (the paper's 3 scales):
+    the first residual at each new spatial size. The paper does not say which residual; we take the first."""
+    chosen, seen = [], []
+    for i, pred in enumerate(latent_preds):
+        size = tuple(pred.shape[-2:])
+        if size not in seen:
+            seen.append(size)
+            if len(seen) <= n_scales:
+                chosen.append(i)
+    return chosen
+
+
+def training_step(modules, batch: dict, dfc: DFCConfig, content_prompt: str = "caption",
+                  generator: torch.Generator | None = None, weight_dtype: torch.dtype = torch.float32,
+                  content_embeds: torch.Tensor | None = None,
+                  quality_embeds: torch.Tensor | None = None) -> StepOutput:
+    """Loss of one batch (``hr`` in [-1, 1], ``lr_cond`` in [0, 1], prompts as strings).
+
+    ``generator`` drives the VAE sample, the noise and the timesteps (its state goes into checkpoints so
+    a resumed run repeats exactly). Precomputed ``content_embeds``/``quality_embeds`` skip the text encoder.
+    """
+    unet, controlnet, vae, scheduler = modules.unet, modules.controlnet, modules.vae, modules.scheduler
+    hr = batch["hr"]
+    device = hr.device
+    b = hr.shape[0]
+
+    # 1. HR -> latents with the frozen VAE (scaled as SD expects)
+    with torch.no_grad():
+        posterior = vae.encode(hr.to(weight_dtype)).latent_dist
+        noise_vae = torch.randn(posterior.mean.shape, generator=generator, device="cpu").to(device)
+        hr_latents = (posterior.mean + posterior.std * noise_vae.to(posterior.mean.dtype)).float()
+        hr_latents = hr_latents * vae.config.scaling_factor
+
+    # 2. noise at uniformly drawn timesteps
+    noise = torch.randn(hr_latents.shape, generator=generator, device="cpu").to(device)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
+    noisy = scheduler.add_noise(hr_latents, noise, timesteps)
+
+    # 3. prompts through the frozen text encoder, once per distinct prompt
+    if content_embeds is None:
+        texts = batch["content_prompt"] if content_prompt == "caption" else [""] * b
+        content_embeds = encode_prompts(modules.tokenizer, modules.text_encoder, list(texts), device)
+    if quality_embeds is None:
+        quality_embeds = encode_prompts(modules.tokenizer, modules.text_encoder, list(batch["quality_prompt"]),
+                                        device)
+
+    # 4. ControlNet (SFA, DFC heads) + UNet with the residuals
+    pred, control = predict_noise(unet, controlnet, noisy, timesteps, content_embeds.to(weight_dtype),
+                                  quality_embeds.to(weight_dtype), batch["lr_cond"].to(weight_dtype))
+
+    # 5. loss: epsilon or v target (from the scheduler) + lambda * DFC
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(hr_latents, noise, timesteps)
+    else:
+        target = noise
+    mse = F.mse_loss(pred.float(), target.float())
+    indices = paper_latent_indices(control.latent_preds) if dfc.latent_scales == "paper" else None
+    d = dfc_loss(control.pixel_rgbs, control.latent_preds, hr.float(), hr_latents, weight=dfc.weight,
+                 pixel=dfc.pixel, latent=dfc.latent, latent_indices=indices)
+    loss = mse + d.total
+    return StepOutput(loss, {"loss": loss, "noise_mse": mse, "dfc_pixel": d.pixel, "dfc_latent": d.latent})

@@ -1,0 +1,79 @@
+"""Validation during training: super-resolve a few fixed pairs, save an LR | SR | HR grid, log it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from xpsr.data.images import load_rgb, save_png_atomic
+from xpsr.inference.sampling import sample_sr
+from xpsr.models.text import encode_prompts
+
+
+def _centre(img: np.ndarray, size: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    if min(h, w) < size:
+        return img
+    y, x = (h - size) // 2, (w - size) // 2
+    return img[y:y + size, x:x + size]
+
+
+def validation_batch(dataset, num_images: int, crop_size: int):
+    """Fixed pairs: the first ``num_images`` of the first folder, centre-cropped; prompts from the dataset."""
+    part = dataset.parts[0]
+    lrs, hrs, contents, qualities = [], [], [], []
+    for i in range(min(num_images, len(part))):
+        r = part.records[i]
+        hr = _centre(load_rgb(part.folder / r["hr"])[0], crop_size)
+        lr = _centre(load_rgb(part.folder / r["lr"])[0], crop_size // part.scale)
+        hrs.append(torch.from_numpy(hr.copy()).permute(2, 0, 1).float() / 255)
+        lrs.append(torch.from_numpy(lr.copy()).permute(2, 0, 1).float() / 255)
+        content, quality, _ = part.prompts[i]
+        contents.append(content)
+        qualities.append(quality)
+    return torch.stack(lrs), torch.stack(hrs), contents, qualities
+
+
+def grid_image(lr: torch.Tensor, sr: torch.Tensor, hr: torch.Tensor) -> np.ndarray:
+    """Rows of LR (nearest-upsampled) | SR | HR as an RGB uint8 array."""
+    lr_up = F.interpolate(lr, size=hr.shape[-2:], mode="nearest")
+    rows = [torch.cat([a, b, c], dim=2) for a, b, c in zip(lr_up, sr.cpu(), hr)]
+    grid = torch.cat(rows, dim=1).clamp(0, 1)
+    return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+@torch.no_grad()
+def run_validation(cfg, modules, dataset, path: Path, accelerator, step: int, ema=None, trainable=None) -> Path:
+    val = cfg.validation
+    lr, hr, contents, qualities = validation_batch(dataset, val.num_images, cfg.data.crop_size)
+    device = accelerator.device
+    lr_cond = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1).to(device)
+    tok, enc = modules.tokenizer, modules.text_encoder
+    content = encode_prompts(tok, enc, contents if cfg.content_prompt == "caption" else [""] * len(contents), device)
+    quality = encode_prompts(tok, enc, qualities, device)
+    empty = encode_prompts(tok, enc, [""] * len(contents), device)
+    use_ema = ema is not None and val.use_ema
+    if use_ema:
+        ema.swap(trainable)
+    was_training = modules.controlnet.training
+    modules.controlnet.eval()
+    try:
+        sr = sample_sr(modules.unet, modules.controlnet, modules.vae, modules.scheduler.config, lr_cond, content,
+                       quality, empty, empty, num_inference_steps=val.num_inference_steps,
+                       guidance_scale=val.guidance_scale, generator=torch.Generator().manual_seed(cfg.seed))
+    finally:
+        modules.controlnet.train(was_training)
+        if use_ema:
+            ema.swap(trainable)
+    grid = grid_image(lr, sr, hr)
+    save_png_atomic(grid, path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation", grid, step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(grid, caption="LR | SR | HR")]}, step=step)
+    return path

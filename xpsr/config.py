@@ -240,6 +240,8 @@ class TrainConfig:
     demo_data: bool = doc(False, "make a small dataset from bundled sample photos under output_dir (tiny recipe)")
     output_dir: str = doc("???", "run directory: checkpoints/, final/, logs/, samples/, config.yaml")
     max_steps: int = doc(1000, "optimizer steps")
+    stop_at_step: int | None = doc(None, "end this session at this step with a checkpoint (time-limited jobs); "
+                                         "the LR schedule still targets max_steps; resume=latest continues")
     seed: int = doc(0, "seed of data order, noise, timesteps and fresh weights")
     resume: str | None = doc(None, "'latest', a checkpoint folder, or null")
     batch_size: int = doc(2, "images per process per micro-step")
@@ -253,7 +255,7 @@ class TrainConfig:
     adam_epsilon: float = doc(1e-8, "AdamW epsilon")
     use_8bit_adam: bool = doc(False, "bitsandbytes AdamW8bit (needs a CUDA build of bitsandbytes)")
     max_grad_norm: float = doc(1.0, "gradient clipping (0 = off)")
-    mixed_precision: str = choice("no", ("no", "fp16", "bf16"), "autocast dtype; frozen weights are cast to it")
+    mixed_precision: str = choice("fp32", ("fp32", "fp16", "bf16"), "autocast dtype; frozen weights are cast to it")
     allow_tf32: bool = doc(False, "TF32 matmuls on Ampere+ GPUs")
     compile: bool = doc(False, "torch.compile the UNet and ControlNet")
     use_ema: bool = doc(False, "keep an exponential moving average of the trainable weights")

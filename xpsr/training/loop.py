@@ -25,7 +25,7 @@ from xpsr.training.checkpointing import (
 )
 from xpsr.training.step import training_step
 
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -75,7 +75,8 @@ def run_training(cfg: TrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     log_with = None if cfg.report_to == "none" else cfg.report_to
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              mixed_precision=cfg.mixed_precision, log_with=log_with, cpu=cfg.device == "cpu",
+                              mixed_precision="no" if cfg.mixed_precision == "fp32" else cfg.mixed_precision,
+                              log_with=log_with, cpu=cfg.device == "cpu",
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     if cfg.demo_data:
         from xpsr.training.demo_data import make_demo_data
@@ -137,8 +138,9 @@ def run_training(cfg: TrainConfig) -> dict:
 
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process)
     data_iter, start, last = iter(loader), time.perf_counter(), {}
+    end = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step else cfg.max_steps
     try:
-        while state.step < cfg.max_steps:
+        while state.step < end:
             with accelerator.accumulate(controlnet, unet):
                 batch = _to_device(next(data_iter), device)
                 result = training_step(step_modules, batch, cfg.dfc, cfg.content_prompt, generator, weight_dtype)
@@ -169,7 +171,9 @@ def run_training(cfg: TrainConfig) -> dict:
                 if loss_log is not None:
                     loss_log.write(json.dumps({"step": state.step, **logs}) + "\n")
                     loss_log.flush()
-            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and accelerator.is_main_process:
+            stopping_early = state.step == end < cfg.max_steps
+            if accelerator.is_main_process and (
+                    stopping_early or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0)):
                 save_checkpoint(out / "checkpoints" / f"step-{state.step}", modules.unet, modules.controlnet,
                                 resolved, optimizer, lr_scheduler, state, generator, ema)
                 prune_checkpoints(out, cfg.checkpoints_total_limit)
@@ -179,7 +183,7 @@ def run_training(cfg: TrainConfig) -> dict:
                 run_validation(cfg, modules, dataset, out / "samples" / f"step-{state.step}.png", accelerator,
                                state.step, ema=ema, trainable=trainable)
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and state.step == cfg.max_steps:
             from xpsr.models.checkpoint import save_trained
 
             save_trained(out / "final" / "trained.safetensors", modules.unet, modules.controlnet, resolved)

@@ -37,3 +37,7 @@ def test_benchmark_script_emits_json():
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["preset"] == "tiny" and result["step_s_mean"] > 0 and result["trainable_params"] > 0
+    proc = _run("scripts/benchmark.py", "steps=1", "warmup=0", "resolution=32", "batch_size=1", "include_data=true",
+                "workers=0")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["include_data"] is True  # stdout is pure JSON even though data prep prints

@@ -7,12 +7,9 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from xpsr.config import BenchConfig, ModelConfig
 from xpsr.models.build import XPSRModules, build_xpsr, trainable_parameters
-from xpsr.models.dfc import dfc_loss
-from xpsr.models.forward import predict_noise
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -45,65 +42,94 @@ def build_for_bench(cfg: BenchConfig, device: torch.device) -> tuple[XPSRModules
     return modules, width
 
 
+def _data_batches(cfg: BenchConfig, tmp: str, device: torch.device):
+    """An endless stream of real batches: demo pairs at the bench resolution through the DataLoader."""
+    from xpsr.data.dataset import build_dataset
+    from xpsr.training.demo_data import make_demo_data
+
+    data_cfg = make_demo_data(tmp, crop_size=cfg.resolution, crops_per_image=1)
+    dataset, sampler = build_dataset(data_cfg)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
+                                         num_workers=cfg.workers)
+    for batch in loader:
+        yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def run_bench(cfg: BenchConfig) -> dict:
-    """Build the preset, run ``warmup`` + ``steps`` training steps on random data, return timings as a dict."""
+    """Build the preset and time ``warmup`` + ``steps`` real training steps (xpsr.training.step) + AdamW.
+
+    ``include_data=false``: one random batch reused (model cost only; prompt embeddings precomputed).
+    ``include_data=true``: batches come from the DataLoader and prompts go through the text encoder.
+    """
+    import tempfile
+
+    from xpsr.config import DFCConfig
+    from xpsr.training.step import training_step
+
     device = _device(cfg.device)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     modules, width = build_for_bench(cfg, device)
     build_s = time.perf_counter() - t0
-    unet, controlnet, vae = modules.unet, modules.controlnet, modules.vae
-    controlnet.train()
-    params = list(trainable_parameters(unet, controlnet).values())
+    if cfg.include_data and modules.text_encoder is None:
+        raise ValueError("include_data=true needs a text encoder: use preset=tiny (sd15/sd21 presets have none)")
+    params = list(trainable_parameters(modules.unet, modules.controlnet).values())
     optimizer = torch.optim.AdamW(params, lr=1e-5)
+    if modules.text_encoder is not None:
+        modules.text_encoder.to(device)
+    modules.controlnet.train()
     if cfg.compile:
-        unet, controlnet = torch.compile(unet), torch.compile(controlnet)
+        import dataclasses
+
+        modules = dataclasses.replace(modules, unet=torch.compile(modules.unet),
+                                      controlnet=torch.compile(modules.controlnet))
     b, r = cfg.batch_size, cfg.resolution
-    hr = torch.rand(b, 3, r, r, device=device) * 2 - 1
-    lr_cond = torch.rand(b, 3, r, r, device=device)
+    fixed = {"hr": torch.rand(b, 3, r, r, device=device) * 2 - 1, "lr_cond": torch.rand(b, 3, r, r, device=device)}
     content = torch.randn(b, 77, width, device=device)
     quality = torch.randn(b, 77, width, device=device)
-    scaling = vae.config.scaling_factor
+    generator = torch.Generator().manual_seed(cfg.seed)
     amp = cfg.dtype != "fp32"
+    weight_dtype = DTYPES[cfg.dtype]
+    tmp = tempfile.TemporaryDirectory()
+    batches = _data_batches(cfg, tmp.name, device) if cfg.include_data else None
 
     def step() -> float:
-        with torch.no_grad(), torch.autocast(device.type, dtype=DTYPES[cfg.dtype], enabled=amp):
-            latents = vae.encode(hr.to(vae.dtype)).latent_dist.sample() * scaling
-        latents = latents.float()
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, modules.scheduler.config.num_train_timesteps, (b,), device=device)
-        noisy = modules.scheduler.add_noise(latents, noise, t)
-        with torch.autocast(device.type, dtype=DTYPES[cfg.dtype], enabled=amp):
-            pred, control = predict_noise(unet, controlnet, noisy, t, content, quality, lr_cond)
-            loss = F.mse_loss(pred.float(), noise)
-            loss = loss + dfc_loss(control.pixel_rgbs, control.latent_preds, hr, latents).total
-        loss.backward()
+        with torch.autocast(device.type, dtype=weight_dtype, enabled=amp):
+            if batches is None:
+                out = training_step(modules, fixed, DFCConfig(), generator=generator, weight_dtype=weight_dtype,
+                                    content_embeds=content, quality_embeds=quality)
+            else:
+                out = training_step(modules, next(batches), DFCConfig(), generator=generator,
+                                    weight_dtype=weight_dtype)
+        out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return out.loss.item()
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(cfg.warmup):
-        step()
-    times = []
-    for _ in range(cfg.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t1 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t1)
+    try:
+        for _ in range(cfg.warmup):
+            step()
+        times = []
+        for _ in range(cfg.steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t1 = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t1)
+    finally:
+        tmp.cleanup()
     result = {
         "what": "train_step", "preset": cfg.preset, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "dtype": cfg.dtype, "resolution": r, "batch_size": b, "gradient_checkpointing": cfg.gradient_checkpointing,
-        "compile": cfg.compile, "fusion_mode": cfg.fusion_mode, "steps": cfg.steps,
-        "step_s_mean": statistics.mean(times), "step_s_min": min(times),
+        "compile": cfg.compile, "fusion_mode": cfg.fusion_mode, "include_data": cfg.include_data,
+        "steps": cfg.steps, "step_s_mean": statistics.mean(times), "step_s_min": min(times),
         "step_s_std": statistics.pstdev(times), "images_per_s": b / statistics.mean(times), "build_s": build_s,
         "trainable_params": sum(p.numel() for p in params), "torch": torch.__version__,
-        "text_encoder": "excluded (random prompt embeddings)",
     }
     if device.type == "cuda":
         result["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20

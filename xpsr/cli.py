@@ -68,14 +68,18 @@ def cmd_demo(cfg: DemoConfig) -> int:
 
 def cmd_bench(cfg: BenchConfig) -> int:
     """Time one training step; JSON on stdout."""
-    if cfg.what == "data":
-        from xpsr.bench_data import run_data_bench
+    import contextlib
 
-        print(json.dumps(run_data_bench(cfg), indent=2))
-        return 0
-    from xpsr.bench import run_bench
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
+        if cfg.what == "data":
+            from xpsr.bench_data import run_data_bench
 
-    print(json.dumps(run_bench(cfg), indent=2))
+            result = run_data_bench(cfg)
+        else:
+            from xpsr.bench import run_bench
+
+            result = run_bench(cfg)
+    print(json.dumps(result, indent=2))
     return 0
 
 

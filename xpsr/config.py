@@ -75,7 +75,8 @@ class BenchConfig:
     compile: bool = doc(False, "torch.compile the UNet and ControlNet")
     fusion_mode: str = choice("sfa", FUSION_MODES, "fusion mode of the benchmarked model")
     seed: int = doc(0, "random seed")
-    workers: int = doc(2, "what=data: worker processes of prepare and of the DataLoader")
+    workers: int = doc(2, "worker processes of prepare and of the DataLoader (what=data, include_data=true)")
+    include_data: bool = doc(False, "what=train: batches from the DataLoader + text encoder (tiny preset only)")
 
 
 @dataclass

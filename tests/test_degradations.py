@@ -141,3 +141,12 @@ def test_noise_kinds_and_gray_noise():
             assert channel_spread < 0.01  # same noise in every channel (up to clipping)
         if not gray:
             assert channel_spread > 0.01
+
+
+def test_tiny_images_survive_every_degradation():
+    """Small crops shrink below the kernel size after a strong down-resize; nothing may fail."""
+    cfg = DegradationConfig()
+    cfg.stage1.resize_prob = [0.0, 1.0, 0.0]
+    for seed in range(20):
+        lr = degrade(_hr(32, seed), sample_degradation(cfg, np.random.default_rng(seed)), 4)
+        assert lr.shape == (1, 3, 8, 8) and torch.isfinite(lr).all()

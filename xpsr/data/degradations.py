@@ -80,11 +80,15 @@ def sample_degradation(cfg: DegradationConfig, rng: np.random.Generator) -> dict
 
 # ---------------------------------------------------------------- deterministic operations
 def filter2d(img: torch.Tensor, kernel: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Convolve every channel with one kernel, reflect padding (odd kernel sizes)."""
+    """Convolve every channel with one kernel, reflect padding (odd kernel sizes).
+
+    Images smaller than the padding (tiny crops after a strong down-resize) fall back to replicate padding.
+    """
     k = torch.as_tensor(kernel, dtype=img.dtype, device=img.device)
     pad = k.shape[-1] // 2
     b, c, h, w = img.shape
-    x = F.pad(img.reshape(b * c, 1, h, w), (pad, pad, pad, pad), mode="reflect")
+    mode = "reflect" if pad < min(h, w) else "replicate"
+    x = F.pad(img.reshape(b * c, 1, h, w), (pad, pad, pad, pad), mode=mode)
     return F.conv2d(x, k[None, None]).reshape(b, c, h, w)
 
 

@@ -132,7 +132,8 @@ def run_training(cfg: TrainConfig) -> dict:
         (out / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
         (out / "environment.json").write_text(json.dumps(_environment(Path(__file__).parent), indent=2))
         if log_with:
-            accelerator.init_trackers("xpsr", config={k: v for k, v in _flat(resolved).items()})
+            # wandb writes under the run dir (offline mode works without network: WANDB_MODE=offline)
+            accelerator.init_trackers("xpsr", config=_flat(resolved), init_kwargs={"wandb": {"dir": str(out)}})
     (out / "logs").mkdir(exist_ok=True)
     loss_log = open(out / "logs" / "losses.jsonl", "a") if accelerator.is_main_process else None
 

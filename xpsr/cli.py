@@ -17,6 +17,7 @@ from xpsr.config import (
     CaptionImportConfig,
     ConfigError,
     DemoConfig,
+    InferConfig,
     PrepareConfig,
     TrainConfig,
     describe,
@@ -111,6 +112,17 @@ def cmd_train(cfg: TrainConfig) -> int:
     return 0
 
 
+def cmd_infer(cfg: InferConfig) -> int:
+    from xpsr.inference.run import run_inference
+
+    try:
+        report = run_inference(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"xpsr infer: {e}", file=sys.stderr)
+        return 1
+    return 1 if report["errors"] and not report["done"] else 0
+
+
 def cmd_caption(cfg: CaptionConfig) -> int:
     from xpsr.captions.run import run_captioning
 
@@ -146,6 +158,7 @@ def cmd_caption_import(cfg: CaptionImportConfig) -> int:
 COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "prepare": (PrepareConfig, cmd_prepare, "make LR/HR pairs with the Real-ESRGAN degradation"),
     "train": (TrainConfig, cmd_train, "train XPSR (use `accelerate launch scripts/train.py` for several GPUs)"),
+    "infer": (InferConfig, cmd_infer, "super-resolve an image or a folder"),
     "caption": (CaptionConfig, cmd_caption, "write content or quality prompts into the prompt cache"),
     "caption-export": (CaptionExportConfig, cmd_caption_export, "prompt cache -> JSONL"),
     "caption-import": (CaptionImportConfig, cmd_caption_import, "JSONL or the official prompt folders -> cache"),

@@ -273,9 +273,48 @@ class TrainConfig:
     device: str = doc("auto", "'auto' (accelerate decides), or 'cpu' to force the CPU")
 
 
+@dataclass
+class InferConfig:
+    """`xpsr infer`: LR images -> SR images."""
+
+    input: str = doc("???", "an LR image or a folder of them (recursive)")
+    output_dir: str = doc("???", "where SR images go, named like the inputs (.png)")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    weights: str | None = doc(None, "our trained .safetensors, a run dir (final/), an exported folder, an "
+                                    "official XPSR folder; null = the freshly built model (tiny smoke tests)")
+    scheduler: str = choice("ddpm", ("ddpm", "ddim", "unipc", "dpmsolver++"), "sampler (official test: DDPM)")
+    num_inference_steps: int = doc(20, "denoising steps (official: 20)")
+    guidance_scale: float = doc(4.5, "classifier-free guidance (official test config 4.5; paper 5.5)")
+    conditioning_scale: float = doc(1.0, "ControlNet residual scale")
+    added_prompt: str = doc("clean, high-resolution, 8k, high quality, clear text.", "appended to the content prompt")
+    negative_prompt: str = doc("blurry, dotted, noise, raster lines, unclear, lowres, over-smoothed",
+                               "negative content prompt")
+    negative_quality_prompt: str = doc("high resolution, best quality, clear", "negative quality prompt")
+    start_from: str = choice("lr", ("lr", "noise"), "initial latent: the noised LR latent, or pure noise")
+    added_noise_level: int = doc(800, "start_from=lr: the LR latent is noised to this timestep and sampling "
+                                      "starts at the first scheduled timestep at or below it")
+    upscale: int = doc(4, "output = upscale x input")
+    process_size: int = doc(512, "outputs whose short side is smaller are processed at this size, then resized")
+    color_fix: str = choice("adain", ("adain", "wavelet", "none"), "colour correction against the LR (official: adain)")
+    seed: int = doc(0, "seed of the initial noise and the sampler")
+    dtype: str = choice("fp32", ("fp32", "fp16", "bf16"), "weights and compute dtype")
+    device: str = doc("auto", "'auto' (the accelerate process's device), 'cpu', 'cuda'")
+    latent_tile: int = doc(64, "latent tile size (x8 px); larger latents are denoised tile by tile")
+    latent_overlap: int = doc(16, "overlap of latent tiles")
+    vae_tile: int = doc(512, "VAE tile size in px (encode) / px/8 (decode); larger images go through tiles")
+    prompts: str = choice("cache", ("cache", "fixed"), "cache: prompts of each input from the prompt cache; "
+                          "fixed: `prompt`/`quality_prompt` for every image")
+    cache: str | None = doc(None, "prompt cache file (prompts=cache)")
+    caption_missing: bool = doc(True, "prompts=cache: images without prompts get a heuristic quality prompt and an "
+                                      "empty content prompt instead of an error")
+    prompt: str = doc("", "prompts=fixed: content prompt")
+    quality_prompt: str = doc("", "prompts=fixed: quality prompt")
+
+
 # configs/<folder>/*.yaml are validated against these schemas (tests load every file).
 SCHEMAS: dict[str, type] = {"model": ModelConfig, "demo": DemoConfig, "bench": BenchConfig,
-                           "data": PrepareConfig, "caption": CaptionConfig, "train": TrainConfig}
+                           "data": PrepareConfig, "caption": CaptionConfig, "train": TrainConfig,
+                           "infer": InferConfig}
 
 
 def _check_choices(obj: Any, source: str, prefix: str = "") -> None:

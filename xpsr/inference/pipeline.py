@@ -1,0 +1,102 @@
+"""XPSR super-resolution of one image: prompts, start latent, tiled CFG denoising, tiled VAE, colour fix."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+from xpsr.config import InferConfig
+from xpsr.inference.color import color_fix
+from xpsr.inference.tiling import tiled_apply, vae_decode, vae_encode
+from xpsr.models.forward import predict_noise
+from xpsr.models.text import encode_prompts
+
+SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "unipc": UniPCMultistepScheduler,
+              "dpmsolver++": DPMSolverMultistepScheduler}
+
+
+def make_scheduler(name: str, base_config):
+    extra = {"algorithm_type": "dpmsolver++"} if name == "dpmsolver++" else {}
+    return SCHEDULERS[name].from_config(base_config, **extra)
+
+
+def output_size(h: int, w: int, cfg: InferConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(final size, processing size): processing enlarges small outputs to ``process_size`` and rounds to 8."""
+    th, tw = h * cfg.upscale, w * cfg.upscale
+    grow = max(1.0, cfg.process_size / min(th, tw))
+    ph, pw = (int(round(th * grow / 8)) * 8, int(round(tw * grow / 8)) * 8)
+    return (th, tw), (max(ph, 8), max(pw, 8))
+
+
+def guided_noise(modules, latents, t, lr_cond, content, quality, cfg: InferConfig) -> torch.Tensor:
+    """CFG noise prediction; both prompt embeddings are batched [negative; positive] for ControlNet and UNet.
+    Latents larger than ``latent_tile`` are predicted tile by tile with Gaussian blending."""
+    dtype = next(modules.unet.parameters()).dtype
+    guided = cfg.guidance_scale > 1.0
+
+    def window(y: int, x: int, h: int, w: int) -> torch.Tensor:
+        z = latents[:, :, y:y + h, x:x + w]
+        cond = lr_cond[:, :, y * 8:(y + h) * 8, x * 8:(x + w) * 8]
+        if guided:
+            z, cond = torch.cat([z, z]), torch.cat([cond, cond])
+        eps, _ = predict_noise(modules.unet, modules.controlnet, z.to(dtype), t.expand(z.shape[0]), content,
+                               quality, cond.to(dtype), conditioning_scale=cfg.conditioning_scale)
+        eps = eps.float()
+        if guided:
+            uncond, text = eps.chunk(2)
+            eps = uncond + cfg.guidance_scale * (text - uncond)
+        return eps
+
+    h, w = latents.shape[-2:]
+    if max(h, w) <= cfg.latent_tile:
+        return window(0, 0, h, w)
+    return tiled_apply(window, h, w, cfg.latent_tile, cfg.latent_overlap)
+
+
+@torch.no_grad()
+def super_resolve(modules, lr: np.ndarray, content_prompt: str, quality_prompt: str, cfg: InferConfig,
+                  device: torch.device) -> np.ndarray:
+    """RGB uint8 LR (h, w, 3) -> RGB uint8 SR (h*upscale, w*upscale, 3)."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    (th, tw), (ph, pw) = output_size(lr.shape[0], lr.shape[1], cfg)
+    lr_t = torch.from_numpy(np.ascontiguousarray(lr)).permute(2, 0, 1)[None].float().div(255).to(device)
+    lr_cond = F.interpolate(lr_t, size=(ph, pw), mode="bicubic", align_corners=False).clamp(0, 1)
+    dtype = next(modules.unet.parameters()).dtype
+
+    # prompts: [negative; positive] for both branches
+    content = f"{content_prompt}, {cfg.added_prompt}" if content_prompt else cfg.added_prompt
+    tok, enc = modules.tokenizer, modules.text_encoder
+    c = encode_prompts(tok, enc, [cfg.negative_prompt, content], device).to(dtype)
+    q = encode_prompts(tok, enc, [cfg.negative_quality_prompt, quality_prompt], device).to(dtype)
+    if cfg.guidance_scale <= 1.0:
+        c, q = c[1:], q[1:]
+
+    scheduler = make_scheduler(cfg.scheduler, modules.scheduler.config)
+    scheduler.set_timesteps(cfg.num_inference_steps, device=device)
+    timesteps = scheduler.timesteps
+    shape = (1, modules.unet.config.in_channels, ph // 8, pw // 8)
+    noise = torch.randn(shape, generator=generator).to(device)
+    if cfg.start_from == "lr":
+        keep = timesteps[timesteps <= cfg.added_noise_level]
+        if len(keep) == 0:
+            raise ValueError(f"added_noise_level={cfg.added_noise_level} is below every scheduled timestep")
+        timesteps = keep
+        lr_latents = vae_encode(modules.vae, lr_cond * 2 - 1, cfg.vae_tile)
+        latents = scheduler.add_noise(lr_latents, noise, timesteps[:1])
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(len(scheduler.timesteps) - len(timesteps))
+    else:
+        latents = noise * scheduler.init_noise_sigma
+
+    for t in timesteps:
+        model_in = scheduler.scale_model_input(latents, t)
+        eps = guided_noise(modules, model_in, t, lr_cond, c, q, cfg)
+        step_kwargs = {"generator": generator} if cfg.scheduler == "ddpm" else {}
+        latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
+
+    image = (vae_decode(modules.vae, latents, cfg.vae_tile // 8 if cfg.vae_tile else None) + 1) / 2
+    image = color_fix(image.clamp(0, 1), lr_cond.float(), cfg.color_fix)
+    if (ph, pw) != (th, tw):
+        image = F.interpolate(image, size=(th, tw), mode="bicubic", align_corners=False, antialias=True)
+    return (image[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)

@@ -1,5 +1,8 @@
 #!/usr/bin/env python
-"""Super-resolve: `python scripts/infer.py --config configs/infer/xpsr_official.yaml input=LR/ output_dir=SR/ weights=W`."""
+"""Super-resolve (same keys as `xpsr infer --help`).
+
+    python scripts/infer.py --config configs/infer/xpsr_official.yaml input=LR/ output_dir=SR/ weights=W
+"""
 import sys
 
 from xpsr.cli import main

@@ -106,7 +106,8 @@ def test_folder_mode_resumes_names_like_inputs_and_reports_bad_images(tmp_path):
     save_png_atomic(_lr(seed=1), src / "sub" / "b.png")
     (src / "c.png").write_bytes(b"not an image")
     out = tmp_path / "sr"
-    cmd = [sys.executable, str(REPO / "scripts" / "infer.py"), "--config", str(REPO / "configs" / "infer" / "tiny_cpu.yaml"),
+    cmd = [sys.executable, str(REPO / "scripts" / "infer.py"), "--config",
+           str(REPO / "configs" / "infer" / "tiny_cpu.yaml"),
            f"input={src}", f"output_dir={out}", "num_inference_steps=2", "process_size=32"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -87,7 +87,8 @@ class PromptSource:
         quality = self.cache.lookup(h, "quality") if self.cache else None
         if quality is None or content is None:
             if not self.cfg.caption_missing:
-                raise KeyError(f"no {'quality' if quality is None else 'content'} prompt for {path} in {self.cfg.cache}")
+                kind = "quality" if quality is None else "content"
+                raise KeyError(f"no {kind} prompt for {path} in {self.cfg.cache}")
             from xpsr.captions.heuristic import describe, measure
 
             quality = quality if quality is not None else describe(measure(pixels))

@@ -17,6 +17,7 @@ from xpsr.config import (
     CaptionImportConfig,
     ConfigError,
     DemoConfig,
+    EvalConfig,
     InferConfig,
     PrepareConfig,
     TrainConfig,
@@ -123,6 +124,18 @@ def cmd_infer(cfg: InferConfig) -> int:
     return 1 if report["errors"] and not report["done"] else 0
 
 
+def cmd_eval(cfg: EvalConfig) -> int:
+    from xpsr.metrics.evaluate import evaluate
+    from xpsr.metrics.weights import MissingMetricWeights
+
+    try:
+        evaluate(cfg)
+    except (MissingMetricWeights, ValueError, FileNotFoundError) as e:
+        print(f"xpsr eval: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_caption(cfg: CaptionConfig) -> int:
     from xpsr.captions.run import run_captioning
 
@@ -159,6 +172,7 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "prepare": (PrepareConfig, cmd_prepare, "make LR/HR pairs with the Real-ESRGAN degradation"),
     "train": (TrainConfig, cmd_train, "train XPSR (use `accelerate launch scripts/train.py` for several GPUs)"),
     "infer": (InferConfig, cmd_infer, "super-resolve an image or a folder"),
+    "eval": (EvalConfig, cmd_eval, "metrics of an SR folder against an HR folder"),
     "caption": (CaptionConfig, cmd_caption, "write content or quality prompts into the prompt cache"),
     "caption-export": (CaptionExportConfig, cmd_caption_export, "prompt cache -> JSONL"),
     "caption-import": (CaptionImportConfig, cmd_caption_import, "JSONL or the official prompt folders -> cache"),

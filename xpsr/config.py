@@ -311,10 +311,25 @@ class InferConfig:
     quality_prompt: str = doc("", "prompts=fixed: quality prompt")
 
 
+@dataclass
+class EvalConfig:
+    """`xpsr eval`: SR folder (vs HR folder) -> metrics.csv, summary.json, table.md."""
+
+    sr: str = doc("???", "folder of SR images")
+    hr: str | None = doc(None, "folder of HR images (paired by sorted name); needed by full-reference metrics")
+    output_dir: str = doc("???", "where metrics.csv, summary.json, table.md and the per-image cache go")
+    metrics: list[str] = doc(["psnr", "ssim", "lpips", "dists", "fid", "niqe", "maniqa", "clipiqa", "musiq"],
+                             "metrics to compute")
+    crop_border: int = doc(0, "pixels cropped at each border for PSNR/SSIM (0 = official)")
+    weights_dir: str | None = doc(None, "folder of metric weight files (else $XPSR_METRIC_WEIGHTS)")
+    device: str = doc("auto", "'auto', 'cpu' or 'cuda'")
+    label: str | None = doc(None, "name of this result in tables (default: the SR folder's name)")
+
+
 # configs/<folder>/*.yaml are validated against these schemas (tests load every file).
 SCHEMAS: dict[str, type] = {"model": ModelConfig, "demo": DemoConfig, "bench": BenchConfig,
                            "data": PrepareConfig, "caption": CaptionConfig, "train": TrainConfig,
-                           "infer": InferConfig}
+                           "infer": InferConfig, "eval": EvalConfig}
 
 
 def _check_choices(obj: Any, source: str, prefix: str = "") -> None:

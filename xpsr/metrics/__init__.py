@@ -1,0 +1,1 @@
+"""Evaluation: pyiqa harness (offline-first), paper and ablation tables, plots."""

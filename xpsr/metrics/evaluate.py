@@ -1,0 +1,144 @@
+"""`xpsr eval`: SR folder vs HR folder with pyiqa metrics; per-image CSV, summary.json, Markdown table.
+
+PSNR/SSIM are computed on the Y channel of BT.601 YCbCr ([16, 235]), as SR papers do (pyiqa's
+default `yiq` differs by ~1.3 dB), with a configurable border crop (0 = the official setting).
+Per-image results are cached, so a re-run adds only new images or metrics.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from xpsr.config import EvalConfig
+from xpsr.data.images import file_hash, list_images, load_rgb
+from xpsr.metrics.weights import MissingMetricWeights, offline_weights, weights_dir
+
+FULL_REFERENCE = {"psnr", "ssim", "lpips", "dists"}
+NO_REFERENCE = {"niqe", "maniqa", "clipiqa", "musiq"}
+FOLDER_LEVEL = {"fid"}
+LOWER_BETTER = {"lpips", "dists", "fid", "niqe"}
+# what each name means here (the variant matters for comparisons)
+VARIANTS = {
+    "psnr": "pyiqa psnr, Y of BT.601 YCbCr", "ssim": "pyiqa ssim, Y of BT.601 YCbCr",
+    "lpips": "pyiqa lpips (AlexNet, v0.1)", "dists": "pyiqa dists", "fid": "pyiqa fid (folder vs folder)",
+    "niqe": "pyiqa niqe", "maniqa": "pyiqa maniqa (KonIQ-10k weights)", "clipiqa": "pyiqa clipiqa",
+    "musiq": "pyiqa musiq (KonIQ-10k weights)",
+}
+
+
+def pair_images(sr_dir: Path, hr_dir: Path | None) -> list[tuple[Path, Path | None]]:
+    """SR <-> HR by sorted relative name (stems; extensions may differ)."""
+    srs = list_images([sr_dir])
+    if hr_dir is None:
+        return [(p, None) for p in srs]
+    hrs = list_images([hr_dir])
+    if len(srs) != len(hrs):
+        raise ValueError(f"{len(srs)} SR images in {sr_dir} but {len(hrs)} HR images in {hr_dir}")
+    return list(zip(srs, hrs))
+
+
+def create_metric(name: str, cfg: EvalConfig, device: torch.device):
+    import pyiqa
+
+    opts = {}
+    if name in ("psnr", "ssim"):
+        opts = {"test_y_channel": True, "color_space": "ycbcr", "crop_border": cfg.crop_border}
+    folder = weights_dir(cfg.weights_dir)
+    try:
+        with offline_weights(name, folder):
+            return pyiqa.create_metric(name, device=device, as_loss=False, **opts)
+    except MissingMetricWeights:
+        raise
+    except OSError as e:  # e.g. a hub lookup refused offline
+        raise MissingMetricWeights(name, str(e).splitlines()[0], folder) from e
+
+
+def _to_tensor(img: np.ndarray, device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float().div(255).to(device)
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    sr_dir, hr_dir, out = Path(cfg.sr), Path(cfg.hr) if cfg.hr else None, Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    needs_hr = [m for m in cfg.metrics if m in FULL_REFERENCE | FOLDER_LEVEL]
+    if needs_hr and hr_dir is None:
+        raise ValueError(f"metrics {needs_hr} need hr=DIR")
+    unknown = [m for m in cfg.metrics if m not in FULL_REFERENCE | NO_REFERENCE | FOLDER_LEVEL]
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; choose from {sorted(FULL_REFERENCE | NO_REFERENCE | FOLDER_LEVEL)}")
+    pairs = pair_images(sr_dir, hr_dir)
+    settings = {"crop_border": cfg.crop_border, "y_channel": "BT.601 YCbCr [16,235]"}
+    cache_path = out / "metrics_cache.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    rows, start = [], time.perf_counter()
+    metrics = {}
+    for name in [m for m in cfg.metrics if m not in FOLDER_LEVEL]:
+        for sr_path, hr_path in tqdm(pairs, desc=f"eval {name}", unit="img"):
+            key = "|".join([name, file_hash(sr_path), file_hash(hr_path) if hr_path else "-",
+                            json.dumps(settings, sort_keys=True)])
+            if key in cache:
+                continue
+            if name not in metrics:
+                metrics[name] = create_metric(name, cfg, device)
+            sr, _ = load_rgb(sr_path)
+            args = [_to_tensor(sr, device)]
+            if name in FULL_REFERENCE:
+                hr, _ = load_rgb(hr_path)
+                if hr.shape != sr.shape:
+                    raise ValueError(f"size mismatch: SR {sr_path.name} is {sr.shape[1]}x{sr.shape[0]}, "
+                                     f"HR {hr_path.name} is {hr.shape[1]}x{hr.shape[0]}")
+                args.append(_to_tensor(hr, device))
+            with torch.no_grad():
+                cache[key] = float(metrics[name](*args).item())
+        tmp = cache_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_path)
+    summary: dict = {}
+    for sr_path, hr_path in pairs:
+        row = {"image": sr_path.relative_to(sr_dir).as_posix()}
+        for name in cfg.metrics:
+            if name in FOLDER_LEVEL:
+                continue
+            key = "|".join([name, file_hash(sr_path), file_hash(hr_path) if hr_path else "-",
+                            json.dumps(settings, sort_keys=True)])
+            row[name] = cache[key]
+        rows.append(row)
+    for name in cfg.metrics:
+        if name in FOLDER_LEVEL:
+            metric = create_metric(name, cfg, device)
+            summary[name] = float(metric(str(sr_dir), str(hr_dir)))
+        else:
+            summary[name] = float(np.mean([r[name] for r in rows])) if rows else float("nan")
+    with open(out / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image"] + [m for m in cfg.metrics if m not in FOLDER_LEVEL])
+        writer.writeheader()
+        writer.writerows(rows)
+    summary_doc = {**summary, "settings": {**settings, "images": len(pairs), "sr": str(sr_dir),
+                                           "hr": str(hr_dir) if hr_dir else None,
+                                           "variants": {m: VARIANTS[m] for m in cfg.metrics},
+                                           "seconds": round(time.perf_counter() - start, 2)}}
+    (out / "summary.json").write_text(json.dumps(summary_doc, indent=2))
+    (out / "table.md").write_text(markdown_table({cfg.label or sr_dir.name: summary}, cfg.metrics))
+    print(markdown_table({cfg.label or sr_dir.name: summary}, cfg.metrics))
+    return summary_doc
+
+
+def markdown_table(results: dict[str, dict[str, float]], metrics: list[str]) -> str:
+    """One row per method/run, one column per metric (arrows say which way is better)."""
+    head = "| method | " + " | ".join(f"{m.upper()} {'↓' if m in LOWER_BETTER else '↑'}" for m in metrics) + " |"
+    lines = [head, "|" + " --- |" * (len(metrics) + 1)]
+    for method, values in results.items():
+        cells = []
+        for m in metrics:
+            v = values.get(m)
+            cells.append("–" if v is None else f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,78 @@
+"""Offline-first metric weights: every download pyiqa/torchvision would make is redirected to a local
+folder; a missing file raises :class:`MissingMetricWeights` naming the metric, the file and the folder.
+Weights are never silently replaced by random ones, and files are read with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+ENV_VAR = "XPSR_METRIC_WEIGHTS"
+
+
+class MissingMetricWeights(FileNotFoundError):
+    def __init__(self, metric: str, filename: str, folder: Path, url: str | None = None):
+        self.metric, self.filename, self.folder = metric, filename, folder
+        where = f" (published at {url})" if url else ""
+        self.message = (f"metric '{metric}' needs the weights file {filename}{where}; put it in {folder} "
+                        f"(weights_dir=DIR or ${ENV_VAR}). Nothing is downloaded and no random weights are used.")
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def weights_dir(configured: str | None) -> Path:
+    path = configured or os.environ.get(ENV_VAR) or str(Path(torch.hub.get_dir()) / "xpsr_metric_weights")
+    return Path(path).expanduser()
+
+
+def _find(folder: Path, filename: str) -> Path | None:
+    for candidate in (folder / filename, folder / "checkpoints" / filename, folder / "pyiqa" / filename):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@contextlib.contextmanager
+def offline_weights(metric: str, folder: Path):
+    """Within this block pyiqa/torchvision read weights from ``folder`` only, with weights_only loading."""
+    def local_file(url: str, model_dir=None, progress=True, file_name=None, *args, **kwargs) -> str:
+        name = file_name or os.path.basename(urlparse(url).path)
+        found = _find(folder, name)
+        if found is None:
+            raise MissingMetricWeights(metric, name, folder, url)
+        return str(found)
+
+    def local_state_dict(url: str, model_dir=None, map_location=None, progress=True, check_hash=False,
+                         file_name=None, weights_only=True):
+        return torch.load(local_file(url, file_name=file_name), map_location=map_location or "cpu",
+                          weights_only=True)
+
+    real_load = torch.load
+
+    def safe_load(f, *args, **kwargs):
+        kwargs["weights_only"] = True  # never unpickle arbitrary objects from a weights file
+        return real_load(f, *args, **kwargs)
+
+    patches = [(torch.hub, "load_state_dict_from_url", local_state_dict), (torch, "load", safe_load)]
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith(("pyiqa", "torchvision.models")):
+            continue
+        if hasattr(module, "load_file_from_url"):
+            patches.append((module, "load_file_from_url", local_file))
+        if hasattr(module, "load_state_dict_from_url"):
+            patches.append((module, "load_state_dict_from_url", local_state_dict))
+    saved = [(m, a, getattr(m, a)) for m, a, _ in patches]
+    try:
+        for m, a, f in patches:
+            setattr(m, a, f)
+        yield
+    finally:
+        for m, a, f in saved:
+            setattr(m, a, f)

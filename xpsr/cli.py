@@ -23,48 +23,18 @@ from xpsr.config import (
     TrainConfig,
     describe,
     load_config,
-    to_dict,
 )
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 def cmd_demo(cfg: DemoConfig) -> int:
-    """Build the model (tiny by default), print its summary and run one forward with its DFC loss."""
-    import torch
-
+    """The whole pipeline on bundled photos with the tiny model; writes report.html."""
+    from xpsr.demo import run_demo
     from xpsr.models.build import build_xpsr, model_summary
-    from xpsr.models.dfc import dfc_loss
-    from xpsr.models.forward import predict_noise
 
-    modules = build_xpsr(cfg.model)
-    summary = model_summary(modules)
-    tok, enc = modules.tokenizer, modules.text_encoder
-    with torch.no_grad():
-        def embed(text: str) -> torch.Tensor:
-            ids = tok([text], padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids
-            return enc(ids)[0]
-
-        content = embed("a photo of a cat on the grass")
-        quality = embed("low quality, blurry with visible noise and jpeg artifacts")
-        hr = torch.rand(1, 3, 64, 64) * 2 - 1
-        lr_cond = (hr + 1) / 2
-        latents = modules.vae.encode(hr).latent_dist.mean * modules.vae.config.scaling_factor
-        t = torch.tensor([500])
-        noise = torch.randn_like(latents)
-        noisy = modules.scheduler.add_noise(latents, noise, t)
-        pred, control = predict_noise(modules.unet, modules.controlnet, noisy, t, content, quality, lr_cond)
-        loss = dfc_loss(control.pixel_rgbs, control.latent_preds, hr, latents)
-    summary += (f"\none forward at 64x64: noise prediction {tuple(pred.shape)}, "
-                f"{len(control.down_block_res_samples)} + 1 ControlNet residuals, "
-                f"DFC loss {loss.total.item():.4f} (pixel {loss.pixel.item():.4f}, latent {loss.latent.item():.4f})")
-    print(summary)
-    if cfg.output_dir:
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "model_summary.txt").write_text(summary + "\n")
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    print(model_summary(build_xpsr(cfg.model)))
+    run_demo(cfg)
     return 0
 
 
@@ -176,7 +146,7 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "caption": (CaptionConfig, cmd_caption, "write content or quality prompts into the prompt cache"),
     "caption-export": (CaptionExportConfig, cmd_caption_export, "prompt cache -> JSONL"),
     "caption-import": (CaptionImportConfig, cmd_caption_import, "JSONL or the official prompt folders -> cache"),
-    "demo": (DemoConfig, cmd_demo, "build the tiny model end to end and summarise it"),
+    "demo": (DemoConfig, cmd_demo, "pairs -> prompts -> train -> SR -> metrics -> report.html, tiny model, CPU"),
     "bench": (BenchConfig, cmd_bench, "time one training step (JSON on stdout)"),
 }
 

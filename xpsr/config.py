@@ -56,8 +56,14 @@ class ModelConfig:
 
 @dataclass
 class DemoConfig:
+    """`xpsr demo`: the whole pipeline on bundled photos with the tiny model, on CPU, into one HTML report."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
-    output_dir: str | None = doc(None, "where to write results (the model summary for now); null = print only")
+    output_dir: str = doc("xpsr_demo", "where pairs, prompts, the run, SR images, metrics and report.html go")
+    train_steps: int = doc(300, "training steps of the tiny model")
+    crop_size: int = doc(64, "HR crop size of the demo pairs")
+    inference_steps: int = doc(20, "denoising steps when super-resolving the held-out images")
+    seed: int = doc(0, "seed of everything")
 
 
 @dataclass

@@ -73,7 +73,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         raise ValueError(f"metrics {needs_hr} need hr=DIR")
     unknown = [m for m in cfg.metrics if m not in FULL_REFERENCE | NO_REFERENCE | FOLDER_LEVEL]
     if unknown:
-        raise ValueError(f"unknown metrics {unknown}; choose from {sorted(FULL_REFERENCE | NO_REFERENCE | FOLDER_LEVEL)}")
+        known = sorted(FULL_REFERENCE | NO_REFERENCE | FOLDER_LEVEL)
+        raise ValueError(f"unknown metrics {unknown}; choose from {known}")
     pairs = pair_images(sr_dir, hr_dir)
     settings = {"crop_border": cfg.crop_border, "y_channel": "BT.601 YCbCr [16,235]"}
     cache_path = out / "metrics_cache.json"

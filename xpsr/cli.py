@@ -20,6 +20,7 @@ from xpsr.config import (
     EvalConfig,
     InferConfig,
     PrepareConfig,
+    TablesConfig,
     TrainConfig,
     describe,
     load_config,
@@ -106,6 +107,26 @@ def cmd_eval(cfg: EvalConfig) -> int:
     return 0
 
 
+def cmd_tables(cfg: TablesConfig) -> int:
+    from xpsr.metrics.tables import compare_table, pd_scatter
+
+    if not cfg.runs:
+        print("xpsr tables: give runs.LABEL=EVAL_DIR for each run", file=sys.stderr)
+        return 2
+    dataset = cfg.dataset if cfg.compare == "paper" else None
+    if cfg.compare == "paper" and not dataset:
+        print("xpsr tables: compare=paper needs dataset=DIV2K-Val|RealSR|DRealSR", file=sys.stderr)
+        return 2
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = compare_table(dict(cfg.runs), list(cfg.metrics), dataset)
+    (out / "table.md").write_text(table)
+    pd_scatter(dict(cfg.runs), out / "pd_scatter.png", cfg.distortion, cfg.perception)
+    print(table)
+    print(f"tables: {out / 'table.md'}, {out / 'pd_scatter.png'}")
+    return 0
+
+
 def cmd_caption(cfg: CaptionConfig) -> int:
     from xpsr.captions.run import run_captioning
 
@@ -143,6 +164,7 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "train": (TrainConfig, cmd_train, "train XPSR (use `accelerate launch scripts/train.py` for several GPUs)"),
     "infer": (InferConfig, cmd_infer, "super-resolve an image or a folder"),
     "eval": (EvalConfig, cmd_eval, "metrics of an SR folder against an HR folder"),
+    "tables": (TablesConfig, cmd_tables, "ablation/paper tables and a perception-distortion plot from eval folders"),
     "caption": (CaptionConfig, cmd_caption, "write content or quality prompts into the prompt cache"),
     "caption-export": (CaptionExportConfig, cmd_caption_export, "prompt cache -> JSONL"),
     "caption-import": (CaptionImportConfig, cmd_caption_import, "JSONL or the official prompt folders -> cache"),

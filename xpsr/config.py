@@ -332,6 +332,20 @@ class EvalConfig:
     label: str | None = doc(None, "name of this result in tables (default: the SR folder's name)")
 
 
+@dataclass
+class TablesConfig:
+    """`xpsr tables`: our eval folders side by side (ablations), optionally beside the paper's numbers."""
+
+    runs: dict[str, str] = doc({}, "label -> `xpsr eval` output folder, e.g. runs.sfa=eval/sfa")
+    metrics: list[str] = doc(["psnr", "ssim", "lpips", "dists", "fid", "niqe", "maniqa", "clipiqa", "musiq"],
+                             "columns")
+    compare: str | None = doc(None, "'paper' to add the published rows")
+    dataset: str | None = doc(None, "which published table: DIV2K-Val, RealSR, DRealSR")
+    output_dir: str = doc("???", "where table.md and pd_scatter.png go")
+    distortion: str = doc("psnr", "x axis of the perception-distortion plot")
+    perception: str = doc("lpips", "y axis of the perception-distortion plot")
+
+
 # configs/<folder>/*.yaml are validated against these schemas (tests load every file).
 SCHEMAS: dict[str, type] = {"model": ModelConfig, "demo": DemoConfig, "bench": BenchConfig,
                            "data": PrepareConfig, "caption": CaptionConfig, "train": TrainConfig,

@@ -1,0 +1,58 @@
+"""The embedded default end to end, tables across runs, and the reproduction script on a tiny model."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+from conftest import REPO
+
+from xpsr.data.images import save_png_atomic
+
+
+def test_demo_writes_a_report(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "xpsr.cli", "demo", f"output_dir={out}", "train_steps=6",
+                           "inference_steps=2"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    html = (out / "report.html").read_text()
+    assert "does <b>not</b> show the paper's quality" in html
+    assert html.count("data:image/png") == 3 * 4 + 1  # LR | bicubic | SR | HR per held-out image + loss curve
+    assert "bicubic" in html and "PSNR" in html
+    assert f"demo report: {out / 'report.html'}" in proc.stdout
+
+
+def _eval_dir(path, **values):
+    path.mkdir(parents=True)
+    (path / "summary.json").write_text(json.dumps({**values, "settings": {}}))
+    return path
+
+
+def test_tables_and_perception_distortion_plot(tmp_path):
+    runs = {"sfa": _eval_dir(tmp_path / "sfa", psnr=24.0, lpips=0.30),
+            "sequential": _eval_dir(tmp_path / "seq", psnr=23.5, lpips=0.32)}
+    args = [f"runs.{k}={v}" for k, v in runs.items()]
+    proc = subprocess.run([sys.executable, "-m", "xpsr.cli", "tables", *args, "metrics=[psnr,lpips]",
+                           "compare=paper", "dataset=RealSR", f"output_dir={tmp_path / 't'}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    table = (tmp_path / "t" / "table.md").read_text()
+    assert "| sfa | 24.00 | 0.3000 |" in table and "| sequential | 23.50 | 0.3200 |" in table
+    assert "XPSR (paper)" in table and "Table 1" in table
+    assert (tmp_path / "t" / "pd_scatter.png").stat().st_size > 1000
+
+
+def test_reproduction_script_on_a_tiny_model(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        hr = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+        save_png_atomic(hr, tmp_path / "RealSR" / "HR" / f"x{i}_HR.png")
+        save_png_atomic(hr[::4, ::4], tmp_path / "RealSR" / "LR" / f"x{i}_LR4.png")
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "reproduce_paper.py"), "--out", str(tmp_path / "r"),
+                           "--base", "tiny", "--realsr", str(tmp_path / "RealSR"), "--offline-captions",
+                           "--metrics", "psnr,ssim", "--infer-config", str(REPO / "configs" / "infer" / "tiny_cpu.yaml"),
+                           "--infer-override", "num_inference_steps=2", "--infer-override", "process_size=32"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "r" / "RealSR" / "eval" / "summary.json").read_text())
+    assert summary["settings"]["images"] == 2 and summary["psnr"] > 0
+    assert (tmp_path / "r" / "RealSR" / "tables" / "table.md").is_file()

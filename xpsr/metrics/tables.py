@@ -1,0 +1,67 @@
+"""Tables and plots across runs: ours beside the paper, ablation tables, perception-distortion scatter."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from xpsr.metrics.evaluate import LOWER_BETTER, markdown_table
+
+PAPER_FILE = Path(__file__).with_name("paper_results.yaml")
+
+
+def load_summary(path: str | Path) -> dict[str, float]:
+    """Metric values of an `xpsr eval` output folder (or its summary.json)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run `xpsr eval` first")
+    return {k: v for k, v in json.loads(path.read_text()).items() if isinstance(v, (int, float))}
+
+
+def paper_rows(dataset: str, paper_file: Path = PAPER_FILE) -> tuple[dict[str, dict], dict[str, str]]:
+    """Published values for ``dataset`` (methods without transcribed values are listed with their source)."""
+    data = yaml.safe_load(paper_file.read_text())
+    if dataset not in data["datasets"]:
+        raise KeyError(f"no published numbers for {dataset!r}; known: {sorted(data['datasets'])}")
+    rows, sources = {}, {}
+    for method, entry in data["datasets"][dataset].items():
+        rows[f"{method} (paper)"] = entry.get("values") or {}
+        sources[f"{method} (paper)"] = entry["source"] + ("" if entry.get("values") else " — not transcribed yet")
+    return rows, sources
+
+
+def compare_table(runs: dict[str, str | Path], metrics: list[str], dataset: str | None = None) -> str:
+    """Markdown table of our runs (label -> eval folder), with the paper's rows when ``dataset`` is given."""
+    results = {label: load_summary(path) for label, path in runs.items()}
+    notes = ""
+    if dataset:
+        rows, sources = paper_rows(dataset)
+        results = {**rows, **results}
+        notes = "\n" + "\n".join(f"- {m}: {s}" for m, s in sources.items()) + "\n"
+    return markdown_table(results, metrics) + notes
+
+
+def pd_scatter(runs: dict[str, str | Path], path: str | Path, distortion: str = "psnr",
+               perception: str = "lpips") -> Path:
+    """Perception-distortion scatter (one point per run) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    for label, run in runs.items():
+        s = load_summary(run)
+        if distortion in s and perception in s:
+            ax.scatter(s[distortion], s[perception])
+            ax.annotate(label, (s[distortion], s[perception]), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(f"{distortion.upper()} ({'lower' if distortion in LOWER_BETTER else 'higher'} is better)")
+    ax.set_ylabel(f"{perception.upper()} ({'lower' if perception in LOWER_BETTER else 'higher'} is better)")
+    ax.set_title("perception-distortion")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

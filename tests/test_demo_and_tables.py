@@ -49,7 +49,8 @@ def test_reproduction_script_on_a_tiny_model(tmp_path):
         save_png_atomic(hr[::4, ::4], tmp_path / "RealSR" / "LR" / f"x{i}_LR4.png")
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "reproduce_paper.py"), "--out", str(tmp_path / "r"),
                            "--base", "tiny", "--realsr", str(tmp_path / "RealSR"), "--offline-captions",
-                           "--metrics", "psnr,ssim", "--infer-config", str(REPO / "configs" / "infer" / "tiny_cpu.yaml"),
+                           "--metrics", "psnr,ssim",
+                           "--infer-config", str(REPO / "configs" / "infer" / "tiny_cpu.yaml"),
                            "--infer-override", "num_inference_steps=2", "--infer-override", "process_size=32"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -136,3 +136,43 @@ def run_bench(cfg: BenchConfig) -> dict:
     else:
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
+
+
+def run_infer_bench(cfg: BenchConfig) -> dict:
+    """Seconds per image and peak memory of `super_resolve` for an lr_size x lr_size input (x4 output)."""
+    import numpy as np
+
+    from xpsr.config import InferConfig
+    from xpsr.inference.pipeline import super_resolve
+
+    if cfg.preset != "tiny":
+        raise ValueError("what=infer needs a text encoder and tokenizer: preset=tiny (or run `xpsr infer` on SD)")
+    device = _device(cfg.device)
+    modules, _ = build_for_bench(cfg, device)
+    modules.text_encoder.to(device)
+    for m in (modules.unet, modules.controlnet, modules.vae, modules.text_encoder):
+        m.eval()
+        if cfg.dtype != "fp32":
+            m.to(DTYPES[cfg.dtype])
+    big = 10**6
+    infer = InferConfig(input="-", output_dir="-", num_inference_steps=cfg.inference_steps, scheduler="ddim",
+                        process_size=64, dtype=cfg.dtype, latent_tile=64 if cfg.tiled else big,
+                        vae_tile=512 if cfg.tiled else big)
+    lr = np.random.default_rng(cfg.seed).integers(0, 255, (cfg.lr_size, cfg.lr_size, 3), dtype=np.uint8)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(max(cfg.steps, 1)):
+        t0 = time.perf_counter()
+        super_resolve(modules, lr, "a photo", "blurry and noisy", infer, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    result = {"what": "infer", "preset": cfg.preset, "device": str(device), "dtype": cfg.dtype, "tiled": cfg.tiled,
+              "lr_size": cfg.lr_size, "sr_size": cfg.lr_size * 4, "inference_steps": cfg.inference_steps,
+              "seconds_per_image": statistics.mean(times), "runs": len(times)}
+    if device.type == "cuda":
+        result["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result

@@ -48,6 +48,10 @@ def cmd_bench(cfg: BenchConfig) -> int:
             from xpsr.bench_data import run_data_bench
 
             result = run_data_bench(cfg)
+        elif cfg.what == "infer":
+            from xpsr.bench import run_infer_bench
+
+            result = run_infer_bench(cfg)
         else:
             from xpsr.bench import run_bench
 

@@ -68,8 +68,8 @@ class DemoConfig:
 
 @dataclass
 class BenchConfig:
-    what: str = choice("train", ("train", "data"), "train: one training step (forward + backward + AdamW); "
-                       "data: prepare pairs/s, heuristic captions/s, dataset samples/s")
+    what: str = choice("train", ("train", "data", "infer"), "train: one training step (forward + backward + AdamW); "
+                       "data: prepare pairs/s, heuristic captions/s, dataset samples/s; infer: seconds per image")
     preset: str = choice("tiny", ("tiny", "sd15", "sd21"), "model shapes; sd15/sd21 use random weights")
     resolution: int = doc(64, "HR image size in pixels (latents are 1/8)")
     batch_size: int = doc(2, "images per step")
@@ -83,6 +83,9 @@ class BenchConfig:
     seed: int = doc(0, "random seed")
     workers: int = doc(2, "worker processes of prepare and of the DataLoader (what=data, include_data=true)")
     include_data: bool = doc(False, "what=train: batches from the DataLoader + text encoder (tiny preset only)")
+    lr_size: int = doc(128, "what=infer: LR input size (output = 4x)")
+    tiled: bool = doc(True, "what=infer: tiled latent diffusion and VAE (64-latent tiles, 512 px VAE tiles)")
+    inference_steps: int = doc(20, "what=infer: denoising steps")
 
 
 @dataclass

@@ -64,25 +64,15 @@ def cmd_prepare(cfg: PrepareConfig) -> int:
     """HR folders (or an existing paired set) -> hr/, lr/, manifest.jsonl, report.json."""
     from xpsr.data.pairs import prepare_pairs
 
-    try:
-        prepare_pairs(cfg)
-    except (RuntimeError, ValueError, FileNotFoundError) as e:
-        print(f"xpsr prepare: {e}", file=sys.stderr)
-        return 1
+    prepare_pairs(cfg)
     return 0
 
 
 def cmd_train(cfg: TrainConfig) -> int:
-    """Train XPSR; exit 1 with a readable message on a non-finite loss or a data/model problem."""
-    from xpsr.data.dataset import MissingPromptError
-    from xpsr.models.build import MissingWeightsError
-    from xpsr.training.loop import NonFiniteLossError, run_training
+    """Train XPSR (a non-finite loss or a data/model problem ends it with a readable message)."""
+    from xpsr.training.loop import run_training
 
-    try:
-        summary = run_training(cfg)
-    except (NonFiniteLossError, MissingPromptError, MissingWeightsError, FileNotFoundError, ValueError) as e:
-        print(f"xpsr train: {e}", file=sys.stderr)
-        return 1
+    summary = run_training(cfg)
     print(f"train: {summary['steps']} steps in {summary['seconds']}s ({summary['steps_per_s']} steps/s), "
           f"last losses {summary['last']}")
     return 0
@@ -91,23 +81,14 @@ def cmd_train(cfg: TrainConfig) -> int:
 def cmd_infer(cfg: InferConfig) -> int:
     from xpsr.inference.run import run_inference
 
-    try:
-        report = run_inference(cfg)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"xpsr infer: {e}", file=sys.stderr)
-        return 1
+    report = run_inference(cfg)
     return 1 if report["errors"] and not report["done"] else 0
 
 
 def cmd_eval(cfg: EvalConfig) -> int:
     from xpsr.metrics.evaluate import evaluate
-    from xpsr.metrics.weights import MissingMetricWeights
 
-    try:
-        evaluate(cfg)
-    except (MissingMetricWeights, ValueError, FileNotFoundError) as e:
-        print(f"xpsr eval: {e}", file=sys.stderr)
-        return 1
+    evaluate(cfg)
     return 0
 
 
@@ -200,7 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"xpsr {args.command}: {e}", file=sys.stderr)
         return 2
-    return fn(cfg)
+    from xpsr.errors import XPSRError
+
+    try:
+        return fn(cfg)
+    except (XPSRError, FileNotFoundError, ValueError, KeyError) as e:  # problems with inputs, not bugs
+        print(f"xpsr {args.command}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from xpsr.data.images import ImageError, file_hash, list_images, load_rgb, save_
 
 def import_paired(cfg: PrepareConfig) -> dict:
     """Pair ``paired_hr`` and ``paired_lr`` by sorted file name; refuse pairs whose sizes disagree with ``scale``."""
-    from xpsr.data.pairs import ManifestWriter, _write_report, read_manifest
+    from xpsr.data.pairs import ManifestWriter, NothingUsableError, _write_report, read_manifest
 
     if not (cfg.paired_hr and cfg.paired_lr):
         raise ValueError("import of a paired set needs both paired_hr=DIR and paired_lr=DIR")
@@ -58,5 +58,5 @@ def import_paired(cfg: PrepareConfig) -> dict:
     _write_report(out, entries, stats, cfg)
     print(f"import: {made} pairs, {len(records)} in the manifest, {stats['inputs_skipped']} skipped")
     if not records:
-        raise RuntimeError(f"import: no usable pair in {cfg.paired_hr} / {cfg.paired_lr} (see report.json)")
+        raise NothingUsableError(f"import: no usable pair in {cfg.paired_hr} / {cfg.paired_lr} (see report.json)")
     return stats

@@ -21,8 +21,13 @@ from tqdm import tqdm
 from xpsr.config import PrepareConfig, to_dict
 from xpsr.data.degradations import degrade, sample_degradation, usm_sharpen
 from xpsr.data.images import ImageError, file_hash, list_images, load_rgb, save_png_atomic
+from xpsr.errors import XPSRError
 
-MIN_SIDE = 16  # smaller inputs are skipped even when padding is allowed
+MIN_SIDE = 16
+
+
+class NothingUsableError(XPSRError, RuntimeError):
+    """Not one input produced a pair."""  # smaller inputs are skipped even when padding is allowed
 
 
 @dataclass
@@ -186,7 +191,7 @@ def prepare_pairs(cfg: PrepareConfig) -> dict:
     print(f"prepare: {made} new pairs in {seconds:.1f}s ({stats['pairs_per_s']} pairs/s), "
           f"{len(records)} in the manifest, {stats['inputs_skipped']} inputs skipped (see report.json)")
     if not records:
-        raise RuntimeError(f"prepare: no usable pair was produced in {out} (see report.json)")
+        raise NothingUsableError(f"prepare: no usable pair was produced in {out} (see report.json)")
     return stats
 
 

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from xpsr.config import TrainConfig, to_dict
+from xpsr.errors import XPSRError
 from xpsr.models.build import build_xpsr, trainable_parameters
 from xpsr.training.checkpointing import (
     EMA,
@@ -28,7 +29,7 @@ from xpsr.training.step import training_step
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(XPSRError, RuntimeError):
     """The loss became NaN/inf; the message names the step and the loss term."""
 
 

@@ -1,1 +1,1 @@
-"""Inference: sampling loop (shared with validation)."""
+"""Inference: the XPSR pipeline (also used by validation during training), tiling, colour fix, folder runner."""

@@ -8,8 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from xpsr.data.images import load_rgb, save_png_atomic
-from xpsr.inference.sampling import sample_sr
-from xpsr.models.text import encode_prompts
 
 
 def _centre(img: np.ndarray, size: int) -> np.ndarray:
@@ -46,28 +44,32 @@ def grid_image(lr: torch.Tensor, sr: torch.Tensor, hr: torch.Tensor) -> np.ndarr
 
 @torch.no_grad()
 def run_validation(cfg, modules, dataset, path: Path, accelerator, step: int, ema=None, trainable=None) -> Path:
+    """Super-resolve the fixed validation pairs with the inference pipeline (xpsr.inference) and log a grid."""
+    from xpsr.config import InferConfig
+    from xpsr.inference.pipeline import super_resolve
+
     val = cfg.validation
     lr, hr, contents, qualities = validation_batch(dataset, val.num_images, cfg.data.crop_size)
-    device = accelerator.device
-    lr_cond = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1).to(device)
-    tok, enc = modules.tokenizer, modules.text_encoder
-    content = encode_prompts(tok, enc, contents if cfg.content_prompt == "caption" else [""] * len(contents), device)
-    quality = encode_prompts(tok, enc, qualities, device)
-    empty = encode_prompts(tok, enc, [""] * len(contents), device)
+    infer = InferConfig(input="-", output_dir="-", scheduler="ddim", num_inference_steps=val.num_inference_steps,
+                        guidance_scale=val.guidance_scale, process_size=cfg.data.crop_size, seed=cfg.seed,
+                        start_from="noise", color_fix="none")
     use_ema = ema is not None and val.use_ema
     if use_ema:
         ema.swap(trainable)
     was_training = modules.controlnet.training
     modules.controlnet.eval()
     try:
-        sr = sample_sr(modules.unet, modules.controlnet, modules.vae, modules.scheduler.config, lr_cond, content,
-                       quality, empty, empty, num_inference_steps=val.num_inference_steps,
-                       guidance_scale=val.guidance_scale, generator=torch.Generator().manual_seed(cfg.seed))
+        srs = []
+        for i in range(lr.shape[0]):
+            lr_u8 = (lr[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            content = contents[i] if cfg.content_prompt == "caption" else ""
+            sr = super_resolve(modules, lr_u8, content, qualities[i], infer, accelerator.device)
+            srs.append(torch.from_numpy(sr).permute(2, 0, 1).float() / 255)
     finally:
         modules.controlnet.train(was_training)
         if use_ema:
             ema.swap(trainable)
-    grid = grid_image(lr, sr, hr)
+    grid = grid_image(lr, torch.stack(srs), hr)
     save_png_atomic(grid, path)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":

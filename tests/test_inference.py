@@ -135,8 +135,8 @@ def test_trained_checkpoint_is_loaded_with_its_model_settings(tmp_path):
 
 
 _RSS_SCRIPT = """
-import resource, sys
-import numpy as np, torch
+import sys, threading, time
+import numpy as np, psutil, torch
 sys.path.insert(0, {tests!r})
 from conftest import tiny_config
 from xpsr.config import InferConfig
@@ -147,9 +147,19 @@ size, tiled = int(sys.argv[1]), sys.argv[2] == "tiled"
 cfg = InferConfig(input="-", output_dir="-", num_inference_steps=1, scheduler="ddim", process_size=32, device="cpu",
                   latent_tile=16 if tiled else 10**6, latent_overlap=4, vae_tile=128 if tiled else 10**6)
 lr = np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+proc, done = psutil.Process(), threading.Event()
+base = proc.memory_info().rss
+peak = [base]
+def poll():  # the current RSS, sampled while the call runs (ru_maxrss is a lifetime peak)
+    while not done.is_set():
+        peak[0] = max(peak[0], proc.memory_info().rss)
+        time.sleep(0.001)
+watcher = threading.Thread(target=poll)
+watcher.start()
 super_resolve(m, lr, "", "noisy", cfg, torch.device("cpu"))
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+done.set()
+watcher.join()
+print((peak[0] - base) / 2**20)
 """
 
 
@@ -161,8 +171,9 @@ def _extra_peak_mb(size: int, mode: str) -> float:
 
 
 def test_tiled_memory_stays_flat_as_the_image_grows():
-    """Peak RSS added by one super-resolution: tiled stays flat from 24 px to 160 px inputs, untiled grows."""
+    """RSS added during one super-resolution (polled): tiled stays nearly flat from 24 to 160 px, untiled grows."""
     tiled_small, tiled_big = _extra_peak_mb(24, "tiled"), _extra_peak_mb(160, "tiled")
     untiled_big = _extra_peak_mb(160, "untiled")
-    assert tiled_big - tiled_small < 60, (tiled_small, tiled_big)  # measured here: ~40 -> ~52 MB
-    assert untiled_big > 2.5 * tiled_big, (untiled_big, tiled_big)  # measured here: ~190 MB
+    # measured here over 3 runs: tiled ~27 -> ~60-67 MB (the bigger image itself), untiled ~200-270 MB
+    assert tiled_big - tiled_small < 80, (tiled_small, tiled_big)
+    assert untiled_big > 2 * tiled_big, (untiled_big, tiled_big)

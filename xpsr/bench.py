@@ -9,9 +9,7 @@ import time
 import torch
 
 from xpsr.config import BenchConfig, ModelConfig
-from xpsr.models.build import XPSRModules, build_xpsr, trainable_parameters
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from xpsr.models.build import DTYPES, XPSRModules, build_xpsr, trainable_parameters
 
 
 def _device(name: str) -> torch.device:

@@ -52,8 +52,6 @@ class FixedCaptioner:
         return [self.text for _ in images]
 
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 class MLLMCaptioner:
     """Any transformers image-text-to-text model (LLaVA-1.5 by default), batched, greedy by default."""
@@ -65,7 +63,9 @@ class MLLMCaptioner:
 
         cls = LlavaForConditionalGeneration if kind == "llava" else AutoModelForImageTextToText
         self.device = torch.device(device)
-        torch_dtype = _DTYPES[dtype] if self.device.type != "cpu" or dtype == "bf16" else torch.float32
+        from xpsr.models.build import DTYPES
+
+        torch_dtype = DTYPES[dtype] if self.device.type != "cpu" or dtype == "bf16" else torch.float32
         try:
             self.processor = AutoProcessor.from_pretrained(model, revision=revision,
                                                            trust_remote_code=trust_remote_code)

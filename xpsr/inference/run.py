@@ -17,9 +17,7 @@ from tqdm import tqdm
 from xpsr.config import InferConfig, ModelConfig
 from xpsr.data.images import IMAGE_SUFFIXES, ImageError, file_hash, list_images, load_rgb, save_png_atomic
 from xpsr.inference.pipeline import super_resolve
-from xpsr.models.build import XPSRModules, build_xpsr, load_base
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from xpsr.models.build import DTYPES, XPSRModules, build_xpsr, load_base
 
 
 def _model_config_from(stored: dict, base: ModelConfig) -> ModelConfig:

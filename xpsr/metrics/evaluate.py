@@ -81,10 +81,15 @@ def evaluate(cfg: EvalConfig) -> dict:
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     rows, start = [], time.perf_counter()
     metrics = {}
+    settings_key = json.dumps(settings, sort_keys=True)
+    hashes = {p: file_hash(p) for pair in pairs for p in pair if p is not None}  # each file read once
+
+    def cache_key(name: str, sr_path: Path, hr_path: Path | None) -> str:
+        return "|".join([name, hashes[sr_path], hashes[hr_path] if hr_path else "-", settings_key])
+
     for name in [m for m in cfg.metrics if m not in FOLDER_LEVEL]:
         for sr_path, hr_path in tqdm(pairs, desc=f"eval {name}", unit="img"):
-            key = "|".join([name, file_hash(sr_path), file_hash(hr_path) if hr_path else "-",
-                            json.dumps(settings, sort_keys=True)])
+            key = cache_key(name, sr_path, hr_path)
             if key in cache:
                 continue
             if name not in metrics:
@@ -108,9 +113,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         for name in cfg.metrics:
             if name in FOLDER_LEVEL:
                 continue
-            key = "|".join([name, file_hash(sr_path), file_hash(hr_path) if hr_path else "-",
-                            json.dumps(settings, sort_keys=True)])
-            row[name] = cache[key]
+            row[name] = cache[cache_key(name, sr_path, hr_path)]
         rows.append(row)
     for name in cfg.metrics:
         if name in FOLDER_LEVEL:

@@ -21,6 +21,8 @@ from xpsr.models.controlnet import XPSRControlNet, as_xpsr_controlnet
 from xpsr.models.pixel_attention import as_xpsr_unet, inject_pixel_attention
 from xpsr.models.sfa import has_sfa, inject_sfa
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # config names -> torch
+
 REQUIRED = {
     "unet": (["config.json"], ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                                "diffusion_pytorch_model.fp16.safetensors"]),

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from xpsr.config import TrainConfig, to_dict
 from xpsr.errors import XPSRError
-from xpsr.models.build import build_xpsr, trainable_parameters
+from xpsr.models.build import DTYPES, build_xpsr, trainable_parameters
 from xpsr.training.checkpointing import (
     EMA,
     TrainState,
@@ -25,8 +25,6 @@ from xpsr.training.checkpointing import (
     save_checkpoint,
 )
 from xpsr.training.step import training_step
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class NonFiniteLossError(XPSRError, RuntimeError):

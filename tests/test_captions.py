@@ -207,3 +207,24 @@ def test_two_process_launch_shards_without_overlap(tmp_path):
     assert "caption [0/2]: 5 new" in outs[0] and "caption [1/2]: 4 new" in outs[1]
     with PromptCache(cache) as c:
         assert c.count("quality") == 9
+
+
+def _open_cache(path, barrier):
+    barrier.wait()
+    with PromptCache(path):
+        pass
+
+
+def test_many_processes_can_create_the_same_cache_at_once(tmp_path):
+    """Regression: the WAL switch answered 'database is locked' to a process racing another's creation."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    for trial in range(12):
+        barrier = ctx.Barrier(4)
+        procs = [ctx.Process(target=_open_cache, args=(tmp_path / f"c{trial}.sqlite", barrier)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0, 0, 0, 0], f"trial {trial}"

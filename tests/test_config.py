@@ -50,3 +50,21 @@ def test_bad_choice_and_bad_override_syntax():
 def test_describe_lists_every_leaf():
     keys = [k for k, _, _ in describe(SCHEMAS["demo"])]
     assert "model.fusion_mode" in keys and "output_dir" in keys
+
+
+def test_xpsr_data_recipe_matches_the_official_generation_script():
+    """configs/data/xpsr.yaml holds the values the official utils_data/make_train.py passes to BasicSR."""
+    from xpsr.config import PrepareConfig
+
+    d = load_config(PrepareConfig, REPO / "configs" / "data" / "xpsr.yaml", allow_missing=True).degradation
+    s1, s2 = d.stage1, d.stage2
+    assert (s1.kernel.sigma, s1.kernel.betag, s1.kernel.betap) == ([0.2, 3.0], [0.5, 4.0], [1.0, 2.0])
+    assert (s2.kernel.sigma, s2.kernel.betag, s2.kernel.betap) == ([0.2, 1.5], [0.5, 4.0], [1.0, 2.0])
+    assert s1.kernel.kind_probs == s2.kernel.kind_probs == [0.45, 0.25, 0.12, 0.03, 0.12, 0.03]
+    assert s1.kernel.sinc_prob == s2.kernel.sinc_prob == 0.1 and d.final_sinc_prob == 0.8
+    assert (s1.resize_prob, s1.resize_range, s1.noise_range, s1.poisson_scale_range) == (
+        [0.2, 0.7, 0.1], [0.15, 1.5], [1.0, 30.0], [0.05, 3.0])
+    assert (s2.blur_prob, s2.resize_prob, s2.resize_range, s2.noise_range, s2.poisson_scale_range) == (
+        0.8, [0.3, 0.4, 0.3], [0.3, 1.2], [1.0, 25.0], [0.05, 2.5])
+    assert s1.gray_noise_prob == s2.gray_noise_prob == 0.4 and s1.jpeg_range == s2.jpeg_range == [30, 95]
+    assert d.usm_gt

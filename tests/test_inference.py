@@ -12,7 +12,7 @@ from conftest import REPO, tiny_config
 from xpsr.config import InferConfig, load_config
 from xpsr.data.images import save_png_atomic
 from xpsr.inference.color import adain_color_fix, color_fix, wavelet_color_fix
-from xpsr.inference.pipeline import guided_noise, output_size, super_resolve
+from xpsr.inference.pipeline import guided_noise, make_scheduler, output_size, start_latents, super_resolve
 from xpsr.inference.tiling import tile_starts, tiled_apply, vae_decode, vae_encode
 from xpsr.models.build import build_xpsr
 
@@ -36,7 +36,7 @@ def _lr(h=8, w=12, seed=0):
 
 
 @pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "unipc", "dpmsolver++"])
-@pytest.mark.parametrize("start", ["lr", "noise"])
+@pytest.mark.parametrize("start", ["lr", "sdedit", "noise"])
 def test_every_scheduler_and_start_runs_deterministically(modules, scheduler, start):
     cfg = _cfg(scheduler=scheduler, start_from=start)
     a = super_resolve(modules, _lr(), "a photo", "blurry", cfg, torch.device("cpu"))
@@ -46,8 +46,46 @@ def test_every_scheduler_and_start_runs_deterministically(modules, scheduler, st
 
 def test_output_size_and_process_size():
     cfg = _cfg(process_size=512)
-    assert output_size(128, 96, cfg) == ((512, 384), (680, 512))  # short side to 512, rounded to 8
+    assert output_size(128, 96, cfg) == ((512, 384), (680, 512))  # short side to 512, long 682 -> 680
+    assert output_size(96, 128, cfg) == ((384, 512), (512, 680))
     assert output_size(256, 256, cfg) == ((1024, 1024), (1024, 1024))
+    assert output_size(255, 301, cfg) == ((1020, 1204), (1016, 1200))  # rounded down to 8, as the official script
+
+
+def test_lr_start_is_the_official_double_noising_and_samples_every_step(modules):
+    cfg = _cfg(start_from="lr", added_noise_level=800, num_inference_steps=5, vae_tile=0)
+    scheduler = make_scheduler("ddpm", modules.scheduler.config)
+    scheduler.set_timesteps(5)
+    lr = torch.rand(1, 3, 32, 48)
+    latents, steps = start_latents(modules, lr, scheduler, scheduler.timesteps, cfg,
+                                   torch.Generator().manual_seed(3), torch.device("cpu"))
+    g = torch.Generator().manual_seed(3)
+    n1, n2 = torch.randn(1, 4, 4, 6, generator=g), torch.randn(1, 4, 4, 6, generator=g)
+    z = modules.vae.encode(lr * 2 - 1).latent_dist.mean * modules.vae.config.scaling_factor
+    ab = scheduler.alphas_cumprod
+    t0 = int(scheduler.timesteps[0])
+    expected = ab[800].sqrt() * (ab[t0].sqrt() * z + (1 - ab[t0]).sqrt() * n1) + (1 - ab[800]).sqrt() * n2
+    assert torch.allclose(latents, expected, atol=1e-5)
+    assert torch.equal(steps, scheduler.timesteps)  # every step is sampled
+
+    sd, sd_steps = start_latents(modules, lr, scheduler, scheduler.timesteps, _cfg(start_from="sdedit", vae_tile=0),
+                                 torch.Generator().manual_seed(3), torch.device("cpu"))
+    assert len(sd_steps) < 5 and int(sd_steps[0]) <= 800
+    with pytest.raises(ValueError, match="added_noise_level=5000"):
+        start_latents(modules, lr, scheduler, scheduler.timesteps, _cfg(added_noise_level=5000),
+                      torch.Generator(), torch.device("cpu"))
+
+
+def test_added_prompt_follows_the_caption_after_a_space(modules, monkeypatch):
+    import xpsr.inference.pipeline as pipe
+
+    seen = []
+    real = pipe.encode_prompts
+    monkeypatch.setattr(pipe, "encode_prompts", lambda tok, enc, texts, dev: seen.append(texts) or real(tok, enc, texts, dev))
+    super_resolve(modules, _lr(), "A cat on a sofa.", "noisy", _cfg(num_inference_steps=1), torch.device("cpu"))
+    super_resolve(modules, _lr(), "", "noisy", _cfg(num_inference_steps=1), torch.device("cpu"))
+    added = InferConfig.added_prompt if isinstance(InferConfig.added_prompt, str) else _cfg().added_prompt
+    assert seen[0][1] == f"A cat on a sofa. {added}" and seen[2][1] == added
 
 
 def test_cfg_batches_both_prompt_embeddings(modules):

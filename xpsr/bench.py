@@ -18,7 +18,7 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_for_bench(cfg: BenchConfig, device: torch.device) -> tuple[XPSRModules, int]:
+def build_for_bench(cfg: BenchConfig, device: torch.device, with_text: bool = False) -> tuple[XPSRModules, int]:
     model_cfg = ModelConfig(base="tiny", fusion_mode=cfg.fusion_mode, gradient_checkpointing=cfg.gradient_checkpointing,
                             seed=cfg.seed)
     if cfg.preset == "tiny":
@@ -28,7 +28,7 @@ def build_for_bench(cfg: BenchConfig, device: torch.device) -> tuple[XPSRModules
     else:
         from xpsr.models.presets import TEXT_WIDTH, build_random_sd
 
-        modules = build_random_sd(cfg.preset, model_cfg, device=device)
+        modules = build_random_sd(cfg.preset, model_cfg, device=device, with_text=with_text)
         width = TEXT_WIDTH[cfg.preset]
     for m in (modules.unet, modules.controlnet, modules.vae):
         m.to(device)
@@ -143,10 +143,8 @@ def run_infer_bench(cfg: BenchConfig) -> dict:
     from xpsr.config import InferConfig
     from xpsr.inference.pipeline import super_resolve
 
-    if cfg.preset != "tiny":
-        raise ValueError("what=infer needs a text encoder and tokenizer: preset=tiny (or run `xpsr infer` on SD)")
     device = _device(cfg.device)
-    modules, _ = build_for_bench(cfg, device)
+    modules, _ = build_for_bench(cfg, device, with_text=True)
     modules.text_encoder.to(device)
     for m in (modules.unet, modules.controlnet, modules.vae, modules.text_encoder):
         m.eval()

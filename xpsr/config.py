@@ -295,22 +295,27 @@ class InferConfig:
     num_inference_steps: int = doc(20, "denoising steps (official: 20)")
     guidance_scale: float = doc(4.5, "classifier-free guidance (official test config 4.5; paper 5.5)")
     conditioning_scale: float = doc(1.0, "ControlNet residual scale")
-    added_prompt: str = doc("clean, high-resolution, 8k, high quality, clear text.", "appended to the content prompt")
-    negative_prompt: str = doc("blurry, dotted, noise, raster lines, unclear, lowres, over-smoothed",
-                               "negative content prompt")
+    added_prompt: str = doc("clean, high-resolution, 8k, high quality, clear text.",
+                            "appended to the content prompt after a space, as the official test script does")
+    negative_prompt: str = doc("blurry, dotted, noise, raster lines, unclear, lowres, over-smoothed.",
+                               "negative content prompt (as the official xpsr_test.yaml, final period included)")
     negative_quality_prompt: str = doc("high resolution, best quality, clear", "negative quality prompt")
-    start_from: str = choice("lr", ("lr", "noise"), "initial latent: the noised LR latent, or pure noise")
-    added_noise_level: int = doc(800, "start_from=lr: the LR latent is noised to this timestep and sampling "
-                                      "starts at the first scheduled timestep at or below it")
+    start_from: str = choice("lr", ("lr", "sdedit", "noise"),
+                             "initial latent. lr (official): the LR latent noised to the first timestep, then "
+                             "noised again to added_noise_level, and every step is sampled; sdedit: the LR latent "
+                             "noised once to added_noise_level and sampling starts there (fewer steps); noise")
+    added_noise_level: int = doc(800, "start_from=lr: timestep of the second noising; start_from=sdedit: the "
+                                      "timestep sampling starts at (the first scheduled one at or below it)")
     upscale: int = doc(4, "output = upscale x input")
-    process_size: int = doc(512, "outputs whose short side is smaller are processed at this size, then resized")
+    process_size: int = doc(512, "outputs whose short side is smaller are processed with this short side (sizes "
+                                 "rounded down to multiples of 8, as the official script), then resized back")
     color_fix: str = choice("adain", ("adain", "wavelet", "none"), "colour correction against the LR (official: adain)")
     seed: int = doc(0, "seed of the initial noise and the sampler")
     dtype: str = choice("fp32", ("fp32", "fp16", "bf16"), "weights and compute dtype")
     device: str = doc("auto", "'auto' (the accelerate process's device), 'cpu', 'cuda'")
-    latent_tile: int = doc(64, "latent tile size (x8 px); larger latents are denoised tile by tile")
+    latent_tile: int = doc(64, "latent tile size (x8 px); larger latents are denoised tile by tile; 0 = never tile")
     latent_overlap: int = doc(16, "overlap of latent tiles")
-    vae_tile: int = doc(512, "VAE tile size in px (encode) / px/8 (decode); larger images go through tiles")
+    vae_tile: int = doc(512, "VAE tile size in px (encode) / px/8 (decode); larger images go through tiles; 0 = never tile")
     prompts: str = choice("cache", ("cache", "fixed"), "cache: prompts of each input from the prompt cache; "
                           "fixed: `prompt`/`quality_prompt` for every image")
     cache: str | None = doc(None, "prompt cache file (prompts=cache)")

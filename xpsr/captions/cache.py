@@ -51,10 +51,23 @@ class PromptCache:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
+        self._switch_to_wal(timeout_s)
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
         self.db.executescript(_SCHEMA)
+
+    def _switch_to_wal(self, timeout_s: float) -> None:
+        """Several processes may create the cache at once; SQLite answers the journal-mode switch with
+        'database is locked' without waiting on the busy handler, so retry until ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def __enter__(self) -> PromptCache:
         return self

@@ -22,11 +22,51 @@ def make_scheduler(name: str, base_config):
 
 
 def output_size(h: int, w: int, cfg: InferConfig) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(final size, processing size): processing enlarges small outputs to ``process_size`` and rounds to 8."""
+    """(final size, processing size), as the official test script: an output whose short side is below
+    ``process_size`` is processed with that short side (long side truncated), and both sides are rounded
+    down to multiples of 8."""
     th, tw = h * cfg.upscale, w * cfg.upscale
-    grow = max(1.0, cfg.process_size / min(th, tw))
-    ph, pw = (int(round(th * grow / 8)) * 8, int(round(tw * grow / 8)) * 8)
-    return (th, tw), (max(ph, 8), max(pw, 8))
+    ph, pw = th, tw
+    if min(th, tw) < cfg.process_size:
+        if th <= tw:
+            ph, pw = cfg.process_size, int(cfg.process_size * tw / th)
+        else:
+            ph, pw = int(cfg.process_size * th / tw), cfg.process_size
+    return (th, tw), (max(ph // 8 * 8, 8), max(pw // 8 * 8, 8))
+
+
+def noise_to(x: torch.Tensor, noise: torch.Tensor, t: int, scheduler) -> torch.Tensor:
+    """The forward process q(x_t | x_0) of the scheduler's training schedule, for any integer timestep
+    (sigma-based samplers only accept timesteps of their own schedule in ``add_noise``)."""
+    ab = scheduler.alphas_cumprod[int(t)].to(x.device, torch.float32)
+    return ab.sqrt() * x + (1 - ab).sqrt() * noise
+
+
+def start_latents(modules, lr_cond: torch.Tensor, scheduler, timesteps: torch.Tensor, cfg: InferConfig,
+                  generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(initial latents, timesteps to sample) for ``cfg.start_from``.
+
+    lr (official XPSR/PASD): z_lr noised to the first scheduled timestep, then noised again to
+    ``added_noise_level``; every scheduled step is sampled. sdedit: z_lr noised once to
+    ``added_noise_level``; sampling starts at the first scheduled timestep at or below it. noise: N(0, I)."""
+    shape = (1, modules.unet.config.in_channels, lr_cond.shape[-2] // 8, lr_cond.shape[-1] // 8)
+    noise = torch.randn(shape, generator=generator).to(device)
+    if cfg.start_from == "noise":
+        return noise * scheduler.init_noise_sigma, timesteps
+    if not 0 <= cfg.added_noise_level < len(scheduler.alphas_cumprod):
+        raise ValueError(f"added_noise_level={cfg.added_noise_level} is outside the scheduler's timesteps "
+                         f"[0, {len(scheduler.alphas_cumprod) - 1}]")
+    lr_latents = vae_encode(modules.vae, lr_cond * 2 - 1, cfg.vae_tile)
+    if cfg.start_from == "lr":
+        latents = noise_to(lr_latents, noise, timesteps[0], scheduler)
+        second = torch.randn(shape, generator=generator).to(device)
+        return noise_to(latents, second, cfg.added_noise_level, scheduler) * scheduler.init_noise_sigma, timesteps
+    keep = timesteps[timesteps <= cfg.added_noise_level]
+    if len(keep) == 0:
+        raise ValueError(f"added_noise_level={cfg.added_noise_level} is below every scheduled timestep")
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(len(timesteps) - len(keep))
+    return noise_to(lr_latents, noise, keep[0], scheduler), keep
 
 
 def guided_noise(modules, latents, t, lr_cond, content, quality, cfg: InferConfig) -> torch.Tensor:
@@ -49,7 +89,7 @@ def guided_noise(modules, latents, t, lr_cond, content, quality, cfg: InferConfi
         return eps
 
     h, w = latents.shape[-2:]
-    if max(h, w) <= cfg.latent_tile:
+    if not cfg.latent_tile or max(h, w) <= cfg.latent_tile:
         return window(0, 0, h, w)
     return tiled_apply(window, h, w, cfg.latent_tile, cfg.latent_overlap)
 
@@ -64,8 +104,8 @@ def super_resolve(modules, lr: np.ndarray, content_prompt: str, quality_prompt: 
     lr_cond = F.interpolate(lr_t, size=(ph, pw), mode="bicubic", align_corners=False).clamp(0, 1)
     dtype = next(modules.unet.parameters()).dtype
 
-    # prompts: [negative; positive] for both branches
-    content = f"{content_prompt}, {cfg.added_prompt}" if content_prompt else cfg.added_prompt
+    # prompts: [negative; positive] for both branches; the added prompt follows a space (official script)
+    content = f"{content_prompt.strip()} {cfg.added_prompt}".strip()
     tok, enc = modules.tokenizer, modules.text_encoder
     c = encode_prompts(tok, enc, [cfg.negative_prompt, content], device).to(dtype)
     q = encode_prompts(tok, enc, [cfg.negative_quality_prompt, quality_prompt], device).to(dtype)
@@ -74,20 +114,7 @@ def super_resolve(modules, lr: np.ndarray, content_prompt: str, quality_prompt: 
 
     scheduler = make_scheduler(cfg.scheduler, modules.scheduler.config)
     scheduler.set_timesteps(cfg.num_inference_steps, device=device)
-    timesteps = scheduler.timesteps
-    shape = (1, modules.unet.config.in_channels, ph // 8, pw // 8)
-    noise = torch.randn(shape, generator=generator).to(device)
-    if cfg.start_from == "lr":
-        keep = timesteps[timesteps <= cfg.added_noise_level]
-        if len(keep) == 0:
-            raise ValueError(f"added_noise_level={cfg.added_noise_level} is below every scheduled timestep")
-        timesteps = keep
-        lr_latents = vae_encode(modules.vae, lr_cond * 2 - 1, cfg.vae_tile)
-        latents = scheduler.add_noise(lr_latents, noise, timesteps[:1])
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(len(scheduler.timesteps) - len(timesteps))
-    else:
-        latents = noise * scheduler.init_noise_sigma
+    latents, timesteps = start_latents(modules, lr_cond, scheduler, scheduler.timesteps, cfg, generator, device)
 
     for t in timesteps:
         model_in = scheduler.scale_model_input(latents, t)

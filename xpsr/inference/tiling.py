@@ -55,7 +55,7 @@ def vae_encode(vae, image: torch.Tensor, tile: int | None, overlap: int = 64) ->
     scale = vae.config.scaling_factor
     dtype = next(vae.parameters()).dtype
     h, w = image.shape[-2:]
-    if tile is None or max(h, w) <= tile:
+    if not tile or max(h, w) <= tile:
         return vae.encode(image.to(dtype)).latent_dist.mean.float() * scale
     f = 8
 
@@ -70,7 +70,7 @@ def vae_decode(vae, latents: torch.Tensor, tile: int | None, overlap: int = 8) -
     z = latents / vae.config.scaling_factor
     dtype = next(vae.parameters()).dtype
     h, w = z.shape[-2:]
-    if tile is None or max(h, w) <= tile:
+    if not tile or max(h, w) <= tile:
         return vae.decode(z.to(dtype)).sample.float()
 
     def window(y, x, th, tw):

@@ -24,8 +24,34 @@ SD_VAE = dict(
 )
 
 
-def build_random_sd(preset: str, cfg: ModelConfig, device: str | torch.device = "cpu") -> XPSRModules:
-    """SD 1.5 / 2.1 shapes with random weights and XPSR injected; ``text_encoder`` is None (use random embeds)."""
+# The text encoders' shapes: CLIP ViT-L/14 (SD 1.5) and OpenCLIP ViT-H/14 cut at its penultimate layer (SD 2.1).
+TEXT_CONFIGS = {
+    "sd15": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 hidden_act="quick_gelu"),
+    "sd21": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                 hidden_act="gelu"),
+}
+
+
+def build_random_text_encoder(preset: str):
+    """(text encoder at the preset's full size with random weights, the offline tokenizer): inference speed
+    measured without a download. The tokenizer's small vocabulary does not change the cost per token."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from xpsr.models.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, max_position_embeddings=77, projection_dim=TEXT_CONFIGS[preset]["hidden_size"],
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **TEXT_CONFIGS[preset]))
+    return encoder.eval(), tokenizer
+
+
+def build_random_sd(preset: str, cfg: ModelConfig, device: str | torch.device = "cpu",
+                    with_text: bool = False) -> XPSRModules:
+    """SD 1.5 / 2.1 shapes with random weights and XPSR injected; ``text_encoder`` is None (training benchmarks
+    feed random embeddings) unless ``with_text``."""
     if preset not in UNET_CONFIGS:
         raise ValueError(f"preset {preset!r} is not one of {sorted(UNET_CONFIGS)}")
     with torch.random.fork_rng(devices=[]):
@@ -36,7 +62,8 @@ def build_random_sd(preset: str, cfg: ModelConfig, device: str | torch.device = 
             controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(
                 cfg.conditioning_channels))
             unet, controlnet = inject_xpsr(unet, controlnet, cfg)
-    modules = XPSRModules(unet=unet, controlnet=controlnet, vae=vae, text_encoder=None, tokenizer=None,
+        text_encoder, tokenizer = build_random_text_encoder(preset) if with_text else (None, None)
+    modules = XPSRModules(unet=unet, controlnet=controlnet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                           scheduler=DDPMScheduler(**SD_SCHEDULER), config=cfg)
     freeze_for_training(modules)
     return modules

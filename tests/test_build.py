@@ -120,3 +120,16 @@ def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(MissingWeightsError, match="could not load 'someorg/no-such-model' from the hub"):
         load_base("someorg/no-such-model")
+
+
+@pytest.mark.parametrize("preset, width, layers", [("sd15", 768, 12), ("sd21", 1024, 23)])
+def test_random_text_encoder_has_the_preset_shape(preset, width, layers):
+    """The inference benchmark at SD size needs no download: a random text encoder of the right shape."""
+    from xpsr.models.presets import build_random_text_encoder
+    from xpsr.models.text import encode_prompts
+
+    encoder, tokenizer = build_random_text_encoder(preset)
+    assert encoder.config.num_hidden_layers == layers
+    with torch.no_grad():
+        embeds = encode_prompts(tokenizer, encoder, ["a photo of a cat", "blurry"], torch.device("cpu"))
+    assert embeds.shape == (2, 77, width) and torch.isfinite(embeds).all()

@@ -156,6 +156,29 @@ def test_folder_mode_resumes_names_like_inputs_and_reports_bad_images(tmp_path):
     assert json.loads((out / "infer_report.json").read_text())["skipped_existing"] == 2
 
 
+def test_caption_first_fills_the_cache_then_super_resolves_with_it(tmp_path, monkeypatch):
+    import xpsr.inference.run as run_mod
+    from xpsr.captions.cache import PromptCache
+    from xpsr.data.images import file_hash
+
+    src = tmp_path / "lr"
+    save_png_atomic(_lr(), src / "a.png")
+    save_png_atomic(_lr(seed=1), src / "b.png")
+    content = tmp_path / "content.yaml"
+    content.write_text("images: ???\ncache: ???\nkind: content\ncaptioner: fixed\nfixed_text: a red bird\n")
+    seen = []
+    monkeypatch.setattr(run_mod, "super_resolve",
+                        lambda modules, lr, c, q, cfg, device: seen.append((c, q)) or np.zeros((4, 4, 3), np.uint8))
+    cfg = load_config(InferConfig, REPO / "configs" / "infer" / "tiny_cpu.yaml", [
+        f"input={src}", f"output_dir={tmp_path / 'sr'}", "caption_missing=false",
+        f"caption_first=[{content},{REPO / 'configs' / 'caption' / 'heuristic_quality.yaml'}]"])
+    report = run_mod.run_inference(cfg)
+    assert report["done"] == 2 and not report["errors"]
+    with PromptCache(tmp_path / "sr" / "prompts.sqlite") as cache:
+        quality = [cache.lookup(file_hash(src / n), "quality") for n in ("a.png", "b.png")]
+    assert all(quality) and seen == [("a red bird", quality[0]), ("a red bird", quality[1])]
+
+
 def test_trained_checkpoint_is_loaded_with_its_model_settings(tmp_path):
     from xpsr.config import to_dict
     from xpsr.inference.run import load_modules

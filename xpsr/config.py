@@ -319,6 +319,10 @@ class InferConfig:
     prompts: str = choice("cache", ("cache", "fixed"), "cache: prompts of each input from the prompt cache; "
                           "fixed: `prompt`/`quality_prompt` for every image")
     cache: str | None = doc(None, "prompt cache file (prompts=cache)")
+    caption_first: list[str] = doc([], "caption configs (e.g. configs/caption/llava_content.yaml, "
+                                       "llava_quality.yaml) run on the inputs into `cache` before SR; already "
+                                       "cached images are skipped, and the captioners are freed before SR starts. "
+                                       "`cache` defaults to OUTPUT_DIR/prompts.sqlite then")
     caption_missing: bool = doc(True, "prompts=cache: images without prompts get a heuristic quality prompt and an "
                                       "empty content prompt instead of an error")
     prompt: str = doc("", "prompts=fixed: content prompt")

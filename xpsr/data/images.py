@@ -17,10 +17,14 @@ class ImageError(ValueError):
 
 
 def list_images(folders: list[str | Path]) -> list[Path]:
-    """Every image file under ``folders`` (recursive), sorted, so the order is stable across runs."""
+    """Every image file under ``folders`` (recursive; an image file stands for itself), sorted, so the order
+    is stable across runs."""
     found = []
     for folder in folders:
         folder = Path(folder)
+        if folder.is_file() and folder.suffix.lower() in IMAGE_SUFFIXES:
+            found.append(folder)
+            continue
         if not folder.is_dir():
             raise FileNotFoundError(f"input folder {folder} does not exist")
         found += [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]

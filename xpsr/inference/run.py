@@ -98,6 +98,27 @@ class PromptSource:
             self.cache.close()
 
 
+def caption_inputs(cfg: InferConfig) -> InferConfig:
+    """Run ``cfg.caption_first`` on the inputs (each process its shard, then all wait); returns ``cfg`` with
+    the cache it wrote to."""
+    import gc
+
+    from accelerate import PartialState
+
+    from xpsr.captions.run import run_captioning
+    from xpsr.config import CaptionConfig, load_config
+
+    cache = cfg.cache or str(Path(cfg.output_dir) / "prompts.sqlite")
+    for path in cfg.caption_first:
+        ccfg = load_config(CaptionConfig, path, [f"images={cfg.input}", f"cache={cache}", f"device={cfg.device}"])
+        run_captioning(ccfg)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    PartialState().wait_for_everyone()
+    return dataclasses.replace(cfg, cache=cache, prompts="cache")
+
+
 def run_inference(cfg: InferConfig) -> dict:
     from accelerate import PartialState
 
@@ -111,6 +132,8 @@ def run_inference(cfg: InferConfig) -> dict:
     else:
         inputs, root = list_images([src]), src
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.caption_first:
+        cfg = caption_inputs(cfg)
     mine = inputs[state.process_index::state.num_processes]
     todo = [p for p in mine if not (out / p.relative_to(root)).with_suffix(".png").is_file()]
     modules = load_modules(cfg)

@@ -57,3 +57,36 @@ def test_reproduction_script_on_a_tiny_model(tmp_path):
     summary = json.loads((tmp_path / "r" / "RealSR" / "eval" / "summary.json").read_text())
     assert summary["settings"]["images"] == 2 and summary["psnr"] > 0
     assert (tmp_path / "r" / "RealSR" / "tables" / "table.md").is_file()
+
+
+def test_visual_comparison_shows_where_runs_disagree(tmp_path):
+    from PIL import Image
+
+    from xpsr.config import EvalConfig, load_config
+    from xpsr.metrics.evaluate import evaluate
+    from xpsr.metrics.visual import busiest_window, visual_comparison
+
+    rng = np.random.default_rng(0)
+    hr = {f"im{i}.png": rng.integers(60, 200, (96, 128, 3), dtype=np.uint8) for i in range(3)}
+    for name, img in hr.items():
+        save_png_atomic(img, tmp_path / "hr" / name)
+        save_png_atomic(img, tmp_path / "a" / name)  # run a: perfect
+        worse = img.copy()
+        if name == "im1.png":  # run b differs from a only in im1, in its lower-right corner
+            worse[60:, 90:] = 255 - worse[60:, 90:]
+        save_png_atomic(worse, tmp_path / "b" / name)
+    runs = {}
+    for label in ("a", "b"):
+        cfg = load_config(EvalConfig, None, [f"sr={tmp_path / label}", f"hr={tmp_path / 'hr'}", "metrics=[psnr,ssim]",
+                                             f"output_dir={tmp_path / ('eval_' + label)}", "device=cpu"])
+        evaluate(cfg)
+        runs[label] = tmp_path / ("eval_" + label)
+    y, x = busiest_window([np.asarray(Image.open(tmp_path / d / "im1.png")) for d in ("a", "b")], 32)
+    assert y >= 60 - 1 and x >= 90 - 1
+    out = visual_comparison(runs, tmp_path / "visual.png", count=2, crop=32, metric="ssim")
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (4 + 2 * (32 + 16 + 4), 4 + 3 * (32 + 4), 3)  # 2 rows; HR, a, b columns
+    # the first row is im1 (the largest spread): its b cell is the inverted corner, unlike its a cell
+    first_a = grid[4 + 16:4 + 16 + 32, 4 + 36:4 + 36 + 32].astype(int)
+    first_b = grid[4 + 16:4 + 16 + 32, 4 + 72:4 + 72 + 32].astype(int)
+    assert np.abs(first_a - first_b).mean() > 40

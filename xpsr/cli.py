@@ -108,7 +108,16 @@ def cmd_tables(cfg: TablesConfig) -> int:
     (out / "table.md").write_text(table)
     pd_scatter(dict(cfg.runs), out / "pd_scatter.png", cfg.distortion, cfg.perception)
     print(table)
-    print(f"tables: {out / 'table.md'}, {out / 'pd_scatter.png'}")
+    written = [out / "table.md", out / "pd_scatter.png"]
+    if cfg.visual_images > 0:
+        from xpsr.metrics.visual import NoVisualData, visual_comparison
+
+        try:
+            written.append(visual_comparison(dict(cfg.runs), out / "visual.png", cfg.visual_images,
+                                             cfg.visual_crop, cfg.perception))
+        except NoVisualData as e:
+            print(f"tables: no visual comparison ({e})")
+    print("tables: " + ", ".join(str(p) for p in written))
     return 0
 
 
@@ -149,7 +158,8 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "train": (TrainConfig, cmd_train, "train XPSR (use `accelerate launch scripts/train.py` for several GPUs)"),
     "infer": (InferConfig, cmd_infer, "super-resolve an image or a folder"),
     "eval": (EvalConfig, cmd_eval, "metrics of an SR folder against an HR folder"),
-    "tables": (TablesConfig, cmd_tables, "ablation/paper tables and a perception-distortion plot from eval folders"),
+    "tables": (TablesConfig, cmd_tables,
+               "ablation/paper tables, a perception-distortion plot and side-by-side crops from eval folders"),
     "caption": (CaptionConfig, cmd_caption, "write content or quality prompts into the prompt cache"),
     "caption-export": (CaptionExportConfig, cmd_caption_export, "prompt cache -> JSONL"),
     "caption-import": (CaptionImportConfig, cmd_caption_import, "JSONL or the official prompt folders -> cache"),

@@ -313,9 +313,11 @@ class InferConfig:
     seed: int = doc(0, "seed of the initial noise and the sampler")
     dtype: str = choice("fp32", ("fp32", "fp16", "bf16"), "weights and compute dtype")
     device: str = doc("auto", "'auto' (the accelerate process's device), 'cpu', 'cuda'")
-    latent_tile: int = doc(64, "latent tile size (x8 px); larger latents are denoised tile by tile; 0 = never tile")
+    latent_tile: int = doc(64, "latent tile size (x8 px); larger latents are denoised tile by tile; "
+                               "0 = never tile")
     latent_overlap: int = doc(16, "overlap of latent tiles")
-    vae_tile: int = doc(512, "VAE tile size in px (encode) / px/8 (decode); larger images go through tiles; 0 = never tile")
+    vae_tile: int = doc(512, "VAE tile size in px (encode) / px/8 (decode); larger images go through tiles; "
+                             "0 = never tile")
     prompts: str = choice("cache", ("cache", "fixed"), "cache: prompts of each input from the prompt cache; "
                           "fixed: `prompt`/`quality_prompt` for every image")
     cache: str | None = doc(None, "prompt cache file (prompts=cache)")
@@ -355,7 +357,10 @@ class TablesConfig:
     dataset: str | None = doc(None, "which published table: DIV2K-Val, RealSR, DRealSR")
     output_dir: str = doc("???", "where table.md and pd_scatter.png go")
     distortion: str = doc("psnr", "x axis of the perception-distortion plot")
-    perception: str = doc("lpips", "y axis of the perception-distortion plot")
+    perception: str = doc("lpips", "y axis of the perception-distortion plot; also picks the images of the "
+                                   "visual comparison (largest spread across runs)")
+    visual_images: int = doc(4, "rows of visual.png (side-by-side crops of every run's SR and the HR); 0 = none")
+    visual_crop: int = doc(192, "crop size in px of visual.png, placed where the runs differ most")
 
 
 # configs/<folder>/*.yaml are validated against these schemas (tests load every file).

@@ -12,7 +12,14 @@ from conftest import REPO, tiny_config
 from xpsr.config import InferConfig, load_config
 from xpsr.data.images import save_png_atomic
 from xpsr.inference.color import adain_color_fix, color_fix, wavelet_color_fix
-from xpsr.inference.pipeline import guided_noise, make_scheduler, output_size, start_latents, super_resolve
+from xpsr.inference.pipeline import (
+    condition_image,
+    guided_noise,
+    make_scheduler,
+    output_size,
+    start_latents,
+    super_resolve,
+)
 from xpsr.inference.tiling import tile_starts, tiled_apply, vae_decode, vae_encode
 from xpsr.models.build import build_xpsr
 
@@ -50,6 +57,31 @@ def test_output_size_and_process_size():
     assert output_size(96, 128, cfg) == ((384, 512), (512, 680))
     assert output_size(256, 256, cfg) == ((1024, 1024), (1024, 1024))
     assert output_size(255, 301, cfg) == ((1020, 1204), (1016, 1200))  # rounded down to 8, as the official script
+
+
+@pytest.mark.parametrize("h, w", [(24, 30), (40, 33)])
+def test_pil_condition_repeats_the_official_preprocessing(h, w):
+    """The official test script: PIL resize x4 (default bicubic), torchvision Resize(process_size) when the
+    short side is smaller, PIL resize to multiples of 8."""
+    from PIL import Image
+    from torchvision import transforms
+
+    lr, cfg = _lr(h, w), _cfg(process_size=128)
+    image = Image.fromarray(lr)
+    image = image.resize((image.size[0] * 4, image.size[1] * 4))
+    if min(image.size) < 128:
+        image = transforms.Resize(128, interpolation=transforms.InterpolationMode.BILINEAR)(image)
+    image = image.resize((image.size[0] // 8 * 8, image.size[1] // 8 * 8))
+    expected = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].float() / 255
+    assert torch.equal(condition_image(lr, cfg, torch.device("cpu")), expected)
+    torch_cond = condition_image(lr, _cfg(process_size=128, resize="torch"), torch.device("cpu"))
+    assert torch_cond.shape == expected.shape and (torch_cond - expected).abs().mean() < 0.05
+
+
+def test_torch_resize_backend_gives_the_same_output_size(modules):
+    out = super_resolve(modules, _lr(), "a photo", "blurry", _cfg(resize="torch", num_inference_steps=1),
+                        torch.device("cpu"))
+    assert out.shape == (32, 48, 3)
 
 
 def test_lr_start_is_the_official_double_noising_and_samples_every_step(modules):

@@ -307,6 +307,9 @@ class InferConfig:
     added_noise_level: int = doc(800, "start_from=lr: timestep of the second noising; start_from=sdedit: the "
                                       "timestep sampling starts at (the first scheduled one at or below it)")
     upscale: int = doc(4, "output = upscale x input")
+    resize: str = choice("pil", ("pil", "torch"),
+                         "pil (official test script): 8-bit PIL bicubic x upscale, PIL bilinear up to process_size, "
+                         "and PIL bicubic back to the output size; torch: one float bicubic resize each way")
     process_size: int = doc(512, "outputs whose short side is smaller are processed with this short side (sizes "
                                  "rounded down to multiples of 8, as the official script), then resized back")
     color_fix: str = choice("adain", ("adain", "wavelet", "none"), "colour correction against the LR (official: adain)")

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+from PIL import Image
 
 from xpsr.config import InferConfig
 from xpsr.inference.color import color_fix
@@ -94,14 +95,46 @@ def guided_noise(modules, latents, t, lr_cond, content, quality, cfg: InferConfi
     return tiled_apply(window, h, w, cfg.latent_tile, cfg.latent_overlap)
 
 
+def condition_image(lr: np.ndarray, cfg: InferConfig, device) -> torch.Tensor:
+    """The ControlNet condition: the LR enlarged to the processing size, (1, 3, ph, pw) in [0, 1].
+
+    ``resize=pil`` repeats the official test script on 8-bit images: PIL bicubic x upscale, then (short side
+    below ``process_size``) PIL bilinear with antialiasing up to it, then PIL bicubic to multiples of 8."""
+    (th, tw), (ph, pw) = output_size(lr.shape[0], lr.shape[1], cfg)
+    if cfg.resize == "torch":
+        t = torch.from_numpy(np.ascontiguousarray(lr)).permute(2, 0, 1)[None].float().div(255).to(device)
+        return F.interpolate(t, size=(ph, pw), mode="bicubic", align_corners=False).clamp(0, 1)
+    image = Image.fromarray(lr).resize((tw, th), Image.BICUBIC)
+    if min(th, tw) < cfg.process_size:
+        sh, sw = (cfg.process_size, int(cfg.process_size * tw / th)) if th <= tw else \
+            (int(cfg.process_size * th / tw), cfg.process_size)
+        image = image.resize((sw, sh), Image.BILINEAR)
+    if image.size != (pw, ph):
+        image = image.resize((pw, ph), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].float().div(255).to(device)
+
+
+def final_resize(image: torch.Tensor, size: tuple[int, int], cfg: InferConfig) -> np.ndarray:
+    """(1, 3, h, w) in [0, 1] -> uint8 (th, tw, 3); ``resize=pil`` rounds to 8 bits first, as the official
+    script's PIL round trip does."""
+    th, tw = size
+    if cfg.resize == "torch":
+        if image.shape[-2:] != (th, tw):
+            image = F.interpolate(image, size=(th, tw), mode="bicubic", align_corners=False, antialias=True)
+        return (image[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    out = (image[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    if out.shape[:2] != (th, tw):
+        out = np.asarray(Image.fromarray(out).resize((tw, th), Image.BICUBIC))
+    return out
+
+
 @torch.no_grad()
 def super_resolve(modules, lr: np.ndarray, content_prompt: str, quality_prompt: str, cfg: InferConfig,
                   device: torch.device) -> np.ndarray:
     """RGB uint8 LR (h, w, 3) -> RGB uint8 SR (h*upscale, w*upscale, 3)."""
     generator = torch.Generator().manual_seed(cfg.seed)
-    (th, tw), (ph, pw) = output_size(lr.shape[0], lr.shape[1], cfg)
-    lr_t = torch.from_numpy(np.ascontiguousarray(lr)).permute(2, 0, 1)[None].float().div(255).to(device)
-    lr_cond = F.interpolate(lr_t, size=(ph, pw), mode="bicubic", align_corners=False).clamp(0, 1)
+    (th, tw), _ = output_size(lr.shape[0], lr.shape[1], cfg)
+    lr_cond = condition_image(lr, cfg, device)
     dtype = next(modules.unet.parameters()).dtype
 
     # prompts: [negative; positive] for both branches; the added prompt follows a space (official script)
@@ -124,6 +157,4 @@ def super_resolve(modules, lr: np.ndarray, content_prompt: str, quality_prompt: 
 
     image = (vae_decode(modules.vae, latents, cfg.vae_tile // 8 if cfg.vae_tile else None) + 1) / 2
     image = color_fix(image.clamp(0, 1), lr_cond.float(), cfg.color_fix)
-    if (ph, pw) != (th, tw):
-        image = F.interpolate(image, size=(th, tw), mode="bicubic", align_corners=False, antialias=True)
-    return (image[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    return final_resize(image, (th, tw), cfg)

@@ -111,7 +111,7 @@ def condition_image(lr: np.ndarray, cfg: InferConfig, device) -> torch.Tensor:
         image = image.resize((sw, sh), Image.BILINEAR)
     if image.size != (pw, ph):
         image = image.resize((pw, ph), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].float().div(255).to(device)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float().div(255).to(device)
 
 
 def final_resize(image: torch.Tensor, size: tuple[int, int], cfg: InferConfig) -> np.ndarray:

@@ -98,3 +98,33 @@ def test_learned_metric_runs_from_local_placeholder_weights(tmp_path):
 def test_markdown_table_marks_direction():
     table = markdown_table({"ours": {"psnr": 24.1, "lpips": 0.3}}, ["psnr", "lpips"])
     assert "PSNR ↑" in table and "LPIPS ↓" in table and "| ours | 24.10 | 0.3000 |" in table
+
+
+@pytest.mark.parametrize("metric, filename", [
+    ("maniqa", "ckpt_koniq10k.pt"), ("maniqa-pipal", "MANIQA_PIPAL-ae6d356b.pth"), ("clipiqa", "RN50.pt")])
+def test_learned_metrics_never_touch_the_network(tmp_path, monkeypatch, metric, filename):
+    """MANIQA's timm backbone and CLIP-IQA's CLIP archive used to be fetched by their own downloaders."""
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"{metric} tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    sr_dir, hr_dir = _pair_dirs(tmp_path, n=1)
+    with pytest.raises(MissingMetricWeights) as e:
+        evaluate(_cfg(tmp_path, sr_dir, hr_dir, metrics=f"[{metric}]"))
+    assert f"'{metric}'" in str(e.value) and filename in str(e.value) and str(tmp_path / "w") in str(e.value)
+
+
+def test_clip_archive_with_the_wrong_checksum_is_refused(tmp_path):
+    sr_dir, hr_dir = _pair_dirs(tmp_path, n=1)
+    (tmp_path / "w").mkdir(exist_ok=True)
+    (tmp_path / "w" / "RN50.pt").write_bytes(b"not the CLIP archive")
+    with pytest.raises(ValueError, match="sha256"):
+        evaluate(_cfg(tmp_path, sr_dir, hr_dir, metrics="[clipiqa]"))
+
+
+def test_unknown_metric_is_refused(tmp_path):
+    sr_dir, hr_dir = _pair_dirs(tmp_path, n=1)
+    with pytest.raises(ValueError, match="unknown metrics"):
+        evaluate(_cfg(tmp_path, sr_dir, hr_dir, metrics="[maniqa-imaginary]"))

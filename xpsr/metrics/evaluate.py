@@ -21,14 +21,16 @@ from xpsr.data.images import file_hash, list_images, load_rgb
 from xpsr.metrics.weights import MissingMetricWeights, offline_weights, weights_dir
 
 FULL_REFERENCE = {"psnr", "ssim", "lpips", "dists"}
-NO_REFERENCE = {"niqe", "maniqa", "clipiqa", "musiq"}
+NO_REFERENCE = {"niqe", "maniqa", "maniqa-pipal", "maniqa-kadid", "clipiqa", "musiq"}
 FOLDER_LEVEL = {"fid"}
 LOWER_BETTER = {"lpips", "dists", "fid", "niqe"}
 # what each name means here (the variant matters for comparisons)
 VARIANTS = {
     "psnr": "pyiqa psnr, Y of BT.601 YCbCr", "ssim": "pyiqa ssim, Y of BT.601 YCbCr",
     "lpips": "pyiqa lpips (AlexNet, v0.1)", "dists": "pyiqa dists", "fid": "pyiqa fid (folder vs folder)",
-    "niqe": "pyiqa niqe", "maniqa": "pyiqa maniqa (KonIQ-10k weights)", "clipiqa": "pyiqa clipiqa",
+    "niqe": "pyiqa niqe", "maniqa": "pyiqa maniqa (KonIQ-10k weights; the official XPSR test.py's choice)",
+    "maniqa-pipal": "pyiqa maniqa-pipal (PIPAL weights; SeeSR's choice, per its maintainers)",
+    "maniqa-kadid": "pyiqa maniqa-kadid (KADID-10k weights)", "clipiqa": "pyiqa clipiqa",
     "musiq": "pyiqa musiq (KonIQ-10k weights)",
 }
 

@@ -5,6 +5,7 @@ Weights are never silently replaced by random ones, and files are read with ``to
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -60,7 +61,31 @@ def offline_weights(metric: str, folder: Path):
         kwargs["weights_only"] = True  # never unpickle arbitrary objects from a weights file
         return real_load(f, *args, **kwargs)
 
+    def local_clip(url: str, root: str | None = None) -> str:
+        """pyiqa's CLIP loader downloads OpenAI's archives itself; take them from ``folder``, checksum checked."""
+        path = local_file(url)
+        expected = url.rstrip("/").split("/")[-2]
+        actual = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        if len(expected) == 64 and actual != expected:
+            raise ValueError(f"metric '{metric}': {path} is not the published file (sha256 {actual[:12]}..., "
+                             f"expected {expected[:12]}...; {url})")
+        return path
+
+    if metric.startswith("clipiqa"):
+        import pyiqa.archs.clip_model  # noqa: F401  (imported lazily by pyiqa; patched below)
     patches = [(torch.hub, "load_state_dict_from_url", local_state_dict), (torch, "load", safe_load)]
+    if metric.startswith("maniqa"):
+        # MANIQA's checkpoint holds the whole network, ViT backbone included, and pyiqa loads it strictly, so
+        # timm's separate ImageNet download of the backbone is skipped (a missing key would still fail loudly).
+        import timm
+
+        real_create = timm.create_model
+
+        def create_without_download(*args, **kwargs):
+            kwargs["pretrained"] = False
+            return real_create(*args, **kwargs)
+
+        patches.append((timm, "create_model", create_without_download))
     for name, module in list(sys.modules.items()):
         if module is None or not name.startswith(("pyiqa", "torchvision.models")):
             continue
@@ -68,6 +93,8 @@ def offline_weights(metric: str, folder: Path):
             patches.append((module, "load_file_from_url", local_file))
         if hasattr(module, "load_state_dict_from_url"):
             patches.append((module, "load_state_dict_from_url", local_state_dict))
+        if name.endswith("clip_model") and hasattr(module, "_download"):
+            patches.append((module, "_download", local_clip))
     saved = [(m, a, getattr(m, a)) for m, a, _ in patches]
     try:
         for m, a, f in patches:

@@ -27,13 +27,15 @@ def output_size(h: int, w: int, cfg: InferConfig) -> tuple[tuple[int, int], tupl
     ``process_size`` is processed with that short side (long side truncated), and both sides are rounded
     down to multiples of 8."""
     th, tw = h * cfg.upscale, w * cfg.upscale
-    ph, pw = th, tw
-    if min(th, tw) < cfg.process_size:
-        if th <= tw:
-            ph, pw = cfg.process_size, int(cfg.process_size * tw / th)
-        else:
-            ph, pw = int(cfg.process_size * th / tw), cfg.process_size
+    ph, pw = _grown(th, tw, cfg.process_size)
     return (th, tw), (max(ph // 8 * 8, 8), max(pw // 8 * 8, 8))
+
+
+def _grown(h: int, w: int, short: int) -> tuple[int, int]:
+    """(h, w) with the short side raised to ``short`` if below it, the long side truncated (torchvision Resize)."""
+    if min(h, w) >= short:
+        return h, w
+    return (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
 
 
 def noise_to(x: torch.Tensor, noise: torch.Tensor, t: int, scheduler) -> torch.Tensor:
@@ -105,9 +107,8 @@ def condition_image(lr: np.ndarray, cfg: InferConfig, device) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(lr)).permute(2, 0, 1)[None].float().div(255).to(device)
         return F.interpolate(t, size=(ph, pw), mode="bicubic", align_corners=False).clamp(0, 1)
     image = Image.fromarray(lr).resize((tw, th), Image.BICUBIC)
-    if min(th, tw) < cfg.process_size:
-        sh, sw = (cfg.process_size, int(cfg.process_size * tw / th)) if th <= tw else \
-            (int(cfg.process_size * th / tw), cfg.process_size)
+    sh, sw = _grown(th, tw, cfg.process_size)
+    if (sh, sw) != (th, tw):
         image = image.resize((sw, sh), Image.BILINEAR)
     if image.size != (pw, ph):
         image = image.resize((pw, ph), Image.BICUBIC)
@@ -118,12 +119,10 @@ def final_resize(image: torch.Tensor, size: tuple[int, int], cfg: InferConfig) -
     """(1, 3, h, w) in [0, 1] -> uint8 (th, tw, 3); ``resize=pil`` rounds to 8 bits first, as the official
     script's PIL round trip does."""
     th, tw = size
-    if cfg.resize == "torch":
-        if image.shape[-2:] != (th, tw):
-            image = F.interpolate(image, size=(th, tw), mode="bicubic", align_corners=False, antialias=True)
-        return (image[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    if cfg.resize == "torch" and image.shape[-2:] != (th, tw):
+        image = F.interpolate(image, size=(th, tw), mode="bicubic", align_corners=False, antialias=True)
     out = (image[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    if out.shape[:2] != (th, tw):
+    if out.shape[:2] != (th, tw):  # resize=pil
         out = np.asarray(Image.fromarray(out).resize((tw, th), Image.BICUBIC))
     return out
 

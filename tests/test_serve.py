@@ -48,7 +48,9 @@ def server(tmp_path_factory):
     """`xpsr serve` in a subprocess on a free port; yields (url, folder with results/ and server.log)."""
     folder = tmp_path_factory.mktemp("serve")
     port = _free_port()
-    env = dict(os.environ, GRADIO_TEMP_DIR=str(folder / "gradio"), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    # one torch thread: the test process and the browser run beside the server, and tiny inputs need no more
+    env = dict(os.environ, GRADIO_TEMP_DIR=str(folder / "gradio"), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "xpsr.cli", "serve", "--config", str(TINY), "host=127.0.0.1", f"port={port}",
            f"output_dir={folder / 'results'}", f"max_output_pixels={MAX_OUTPUT_PIXELS}"]
     log = open(folder / "server.log", "w")
@@ -222,7 +224,31 @@ def test_content_prompt_from_the_configured_captioner(tmp_path):
     assert content and content == expected.caption([lr])[0] and quality == describe(measure(lr))
     assert engine.prompts(lr) == (quality, content) and engine._captioner is captioner  # loaded once
 
-    wrong = Engine(load_config(ServeConfig, TINY, [f"content_captioner={REPO}/configs/caption/heuristic_quality.yaml"]),
-                   tmp_path / "out2")
+    wrong = load_config(ServeConfig, TINY, [f"content_captioner={REPO}/configs/caption/heuristic_quality.yaml"])
     with pytest.raises(RequestError, match="writes quality prompts"):
-        wrong.prompts(lr)
+        Engine(wrong, tmp_path / "out2")  # at startup, not at the first upload
+
+
+def test_engine_calls_the_pipeline_and_tiles_large_inputs(tmp_path):
+    """The app's result is super_resolve's, bytes for bytes; above untiled_max_side tiling stays on."""
+    import dataclasses
+
+    import torch
+
+    from xpsr.inference.pipeline import super_resolve
+    from xpsr.serve.engine import Controls, Engine, infer_config
+
+    engine = Engine(load_config(ServeConfig, TINY, ["untiled_max_side=64"]), tmp_path / "out")
+    lr_path = _photo(tmp_path / "wide.png", 40, 32)  # x2 -> 80x64 px: 10x8 latents, 2 tiles of 8
+    controls = Controls(steps=2, guidance=4.5, seed=3, color_fix="adain", upscale=2, tiled=False, tile_px=64)
+    result = engine.run(lr_path, "wide.png", "a photo", "", controls)
+    assert result.sr.shape == (64, 80, 3) and any("tiling kept on" in n for n in result.notes)
+    assert result.peak_rss_mb > 100 and result.cuda_peak_mb is None and result.png.parent == tmp_path / "out"
+
+    lr = np.asarray(Image.open(lr_path).convert("RGB"))
+    icfg, _ = infer_config(engine.cfg, controls, 32, 40)
+    direct = super_resolve(engine.modules, lr, "a photo", result.prompts["quality"], icfg, torch.device("cpu"))
+    assert np.array_equal(result.sr, direct)
+    engine.cfg = dataclasses.replace(engine.cfg, untiled_max_side=4096)  # now the control decides: untiled
+    untiled = engine.run(lr_path, "wide.png", "a photo", "", controls)
+    assert not untiled.notes[1:] and not np.array_equal(untiled.sr, result.sr)

@@ -161,7 +161,11 @@ def cmd_serve(cfg: ServeConfig) -> int:
     except ImportError as e:
         print(f"xpsr serve: the web app needs Gradio: pip install -e \".[app]\" ({e})", file=sys.stderr)
         return 1
-    serve(cfg)
+    try:
+        serve(cfg)
+    except OSError as e:  # the port is taken, or the address is not this machine's
+        print(f"xpsr serve: cannot listen on {cfg.host}:{cfg.port} ({e})", file=sys.stderr)
+        return 1
     return 0
 
 

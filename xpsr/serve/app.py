@@ -98,14 +98,17 @@ def build_app(engine: Engine) -> gr.Blocks:
                                      else "no captioner configured") + "; edit freely or leave empty)",
                                      lines=2, elem_id="content_prompt")
                 with gr.Accordion("Settings", open=True):
-                    steps = gr.Slider(1, 100, value=cfg.num_inference_steps, step=1, label="Steps")
-                    guidance = gr.Slider(1.0, 15.0, value=cfg.guidance_scale, step=0.5, label="Guidance")
+                    steps = gr.Slider(1, max(100, cfg.num_inference_steps), value=cfg.num_inference_steps, step=1,
+                                      label="Steps")
+                    guidance = gr.Slider(1.0, max(15.0, cfg.guidance_scale), value=cfg.guidance_scale, step=0.5,
+                                         label="Guidance")
                     seed = gr.Number(value=cfg.seed, precision=0, label="Seed")
                     color_fix = gr.Radio(["adain", "wavelet", "none"], value=cfg.color_fix, label="Colour fix")
                     upscale = gr.Slider(1, 8, value=cfg.upscale, step=1, label="Upscale")
                     tiled = gr.Checkbox(value=True, label=f"Tiled diffusion and VAE (always on above "
                                                           f"{cfg.untiled_max_side} px)")
-                    tile_px = gr.Slider(128, 1024, value=cfg.latent_tile * 8, step=64, label="Tile size (px)")
+                    tile_px = gr.Slider(128, max(1024, cfg.latent_tile * 8), value=cfg.latent_tile * 8, step=64,
+                                        label="Tile size (px)")
                 run_button = gr.Button("Super-resolve", variant="primary", elem_id="run_button")
             with gr.Column():
                 slider = gr.ImageSlider(label="Before (bicubic) | after (XPSR)", format="png", interactive=False,
@@ -113,10 +116,12 @@ def build_app(engine: Engine) -> gr.Blocks:
                 info = gr.Markdown(elem_id="run_info")
                 used = gr.Textbox(label="Prompts used", lines=4, interactive=False, elem_id="prompts_used")
                 download = gr.File(label="Download PNG", interactive=False, elem_id="download")
-        image.upload(prefill, inputs=image, outputs=[quality, content], preprocess=False, api_name="prompts")
+        # one concurrency group of size 1 for both events: the captioner and the SR model never run at once
+        image.upload(prefill, inputs=image, outputs=[quality, content], preprocess=False, api_name="prompts",
+                     concurrency_limit=1, concurrency_id="model")
         run_button.click(run, inputs=[image, content, quality, steps, guidance, seed, color_fix, upscale, tiled,
                                       tile_px], outputs=[slider, used, info, download], preprocess=False,
-                         api_name="super_resolve")
+                         api_name="super_resolve", concurrency_limit=1, concurrency_id="model")
     app.queue(default_concurrency_limit=1)
     return app
 

@@ -142,6 +142,10 @@ class Engine:
     def __init__(self, cfg: ServeConfig, output_dir: Path):
         from xpsr.inference.run import load_modules
 
+        if not 1 <= cfg.upscale <= 8:
+            raise RequestError(f"upscale={cfg.upscale}: the app offers 1 to 8")
+        # a wrong caption config fails now, not at the first upload; the captioner itself is built on first use
+        self._caption_cfg = self._check_caption_config(cfg.content_captioner) if cfg.content_captioner else None
         self.cfg, self.output_dir = cfg, Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -155,16 +159,20 @@ class Engine:
         self._captioner = None
         self._counter = itertools.count(1)
 
+    @staticmethod
+    def _check_caption_config(path: str) -> CaptionConfig:
+        ccfg = load_config(CaptionConfig, path, ["images=<upload>", "cache=<none>"])
+        if ccfg.kind != "content":
+            raise RequestError(f"content_captioner={path} writes {ccfg.kind} prompts; give a caption config "
+                               "with kind: content")
+        return ccfg
+
     def _content_captioner(self):
         """The configured content captioner, built on first use (an MLLM takes a while to load)."""
         if self._captioner is None:
             from xpsr.captions.run import make_captioner
 
-            ccfg = load_config(CaptionConfig, self.cfg.content_captioner, ["images=<upload>", "cache=<none>"])
-            if ccfg.kind != "content":
-                raise RequestError(f"content_captioner={self.cfg.content_captioner} writes {ccfg.kind} prompts; "
-                                   "give a caption config with kind: content")
-            self._captioner = make_captioner(ccfg, str(self.device))
+            self._captioner = make_captioner(self._caption_cfg, str(self.device))
         return self._captioner
 
     def prompts(self, lr: np.ndarray) -> tuple[str, str]:

@@ -20,6 +20,7 @@ from xpsr.config import (
     EvalConfig,
     InferConfig,
     PrepareConfig,
+    ServeConfig,
     TablesConfig,
     TrainConfig,
     describe,
@@ -153,6 +154,21 @@ def cmd_caption_import(cfg: CaptionImportConfig) -> int:
     return 0
 
 
+def cmd_serve(cfg: ServeConfig) -> int:
+    """The web app; needs the `app` extra (pip install -e ".[app]")."""
+    try:
+        from xpsr.serve.app import serve
+    except ImportError as e:
+        print(f"xpsr serve: the web app needs Gradio: pip install -e \".[app]\" ({e})", file=sys.stderr)
+        return 1
+    try:
+        serve(cfg)
+    except OSError as e:  # the port is taken, or the address is not this machine's
+        print(f"xpsr serve: cannot listen on {cfg.host}:{cfg.port} ({e})", file=sys.stderr)
+        return 1
+    return 0
+
+
 COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "prepare": (PrepareConfig, cmd_prepare, "make LR/HR pairs with the Real-ESRGAN degradation"),
     "train": (TrainConfig, cmd_train, "train XPSR (use `accelerate launch scripts/train.py` for several GPUs)"),
@@ -165,6 +181,7 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "caption-import": (CaptionImportConfig, cmd_caption_import, "JSONL or the official prompt folders -> cache"),
     "demo": (DemoConfig, cmd_demo, "pairs -> prompts -> train -> SR -> metrics -> report.html, tiny model, CPU"),
     "bench": (BenchConfig, cmd_bench, "time one training step (JSON on stdout)"),
+    "serve": (ServeConfig, cmd_serve, "a web app (Gradio): upload an image, get it super-resolved"),
 }
 
 

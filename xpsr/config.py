@@ -335,6 +335,37 @@ class InferConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`xpsr serve`: a web app (Gradio) that super-resolves uploaded images; control defaults below."""
+
+    host: str = doc("127.0.0.1", "address to listen on (0.0.0.0 exposes the app to the network)")
+    port: int = doc(7860, "port to listen on")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    weights: str | None = doc(None, "as `xpsr infer weights=`; null = the freshly built model (tiny, no downloads)")
+    device: str = doc("auto", "'auto' (cuda if available), 'cpu', 'cuda'")
+    dtype: str = choice("fp32", ("fp32", "fp16", "bf16"), "weights and compute dtype")
+    scheduler: str = choice("ddpm", ("ddpm", "ddim", "unipc", "dpmsolver++"), "sampler (official test: DDPM)")
+    num_inference_steps: int = doc(20, "default of the steps control")
+    guidance_scale: float = doc(4.5, "default of the guidance control")
+    seed: int = doc(0, "default of the seed control")
+    color_fix: str = choice("adain", ("adain", "wavelet", "none"), "default of the colour-fix control")
+    upscale: int = doc(4, "default of the upscale control (1-8)")
+    process_size: int = doc(512, "as `xpsr infer process_size=`: small outputs are processed at this short side")
+    latent_tile: int = doc(64, "default latent tile of the tiling control (x8 px)")
+    latent_overlap: int = doc(16, "overlap of latent tiles")
+    vae_tile: int = doc(512, "VAE tile in px while tiling is on")
+    untiled_max_side: int = doc(1024, "processing sizes with a longer side above this (px) are always tiled, "
+                                      "whatever the tiling control says")
+    max_output_pixels: int = doc(4096 * 4096, "uploads whose output (input x upscale) has more pixels are refused "
+                                              "with a message (checked from the file header, before decoding)")
+    max_file_mb: int = doc(50, "largest upload in MB (Gradio refuses bigger files)")
+    content_captioner: str | None = doc(None, "caption config (kind=content) that fills the content prompt, e.g. "
+                                              "configs/caption/llava_content.yaml, loaded once on first use; "
+                                              "null = the content prompt starts empty")
+    output_dir: str | None = doc(None, "where result PNGs are written for download; null = a new temporary folder")
+
+
+@dataclass
 class EvalConfig:
     """`xpsr eval`: SR folder (vs HR folder) -> metrics.csv, summary.json, table.md."""
 
@@ -369,7 +400,7 @@ class TablesConfig:
 # configs/<folder>/*.yaml are validated against these schemas (tests load every file).
 SCHEMAS: dict[str, type] = {"model": ModelConfig, "demo": DemoConfig, "bench": BenchConfig,
                            "data": PrepareConfig, "caption": CaptionConfig, "train": TrainConfig,
-                           "infer": InferConfig, "eval": EvalConfig}
+                           "infer": InferConfig, "eval": EvalConfig, "serve": ServeConfig}
 
 
 def _check_choices(obj: Any, source: str, prefix: str = "") -> None:

@@ -1,0 +1,138 @@
+"""`xpsr serve`: the Gradio page over :class:`xpsr.serve.engine.Engine`.
+
+Upload an image; its quality prompt comes from the offline heuristic and its content prompt from the
+configured captioner (both editable). Controls: steps, guidance, seed, colour fix, upscale, tiling. Shown:
+a before/after slider, the prompts used, time and peak memory, and the PNG to download. Requests run one
+at a time (queue of concurrency 1), so two uploads never run the model at once.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import traceback
+from pathlib import Path
+
+# No telemetry and no version check: the app must start and run with no network (set before importing gradio).
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import gradio as gr  # noqa: E402
+
+from xpsr.config import ServeConfig  # noqa: E402
+from xpsr.errors import XPSRError  # noqa: E402
+from xpsr.serve.engine import Controls, Engine, RequestError, check_upload  # noqa: E402
+
+# System fonts only: the default theme would fetch its fonts from a CDN.
+THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                          font_mono=["ui-monospace", "Consolas", "monospace"])
+
+
+def _upload_path(payload) -> tuple[str, str]:
+    """(server path, original name) of an upload as the raw Gradio payload (events run with preprocess=False,
+    so that every file, readable or not, reaches our own decoding and its messages)."""
+    if not payload:
+        raise RequestError("upload an image first")
+    if isinstance(payload, str):
+        return payload, Path(payload).name
+    path = payload.get("path")
+    if not path:
+        raise RequestError("upload an image first")
+    return path, payload.get("orig_name") or Path(path).name
+
+
+def _readable(fn):
+    """Run ``fn``; any failure becomes a gr.Error whose message is shown in the page (never a traceback)."""
+    def wrapper(*args):
+        try:
+            return fn(*args)
+        except gr.Error:
+            raise
+        except (XPSRError, ValueError, FileNotFoundError, KeyError) as e:
+            raise gr.Error(str(e), print_exception=False) from None
+        except Exception as e:  # a bug or out of memory: the page gets one line, the console the traceback
+            traceback.print_exc()
+            raise gr.Error(f"the request failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                           print_exception=False) from None
+    return wrapper
+
+
+def _info(result) -> str:
+    lines = [f"**Time** {result.seconds:.2f} s for {result.sr.shape[1]}x{result.sr.shape[0]} px",
+             f"**Peak memory** {result.peak_rss_mb:,.0f} MB process RSS (highest of samples every 10 ms "
+             f"during the request)"]
+    if result.cuda_peak_mb is not None:
+        lines.append(f"**Peak GPU memory** {result.cuda_peak_mb:,.0f} MB (torch.cuda.max_memory_allocated)")
+    lines += [f"*{note}*" for note in result.notes]
+    return "  \n".join(lines)
+
+
+def build_app(engine: Engine) -> gr.Blocks:
+    """The page, wired to ``engine``; the run endpoint is also the API `/super_resolve` (gradio_client)."""
+    cfg = engine.cfg
+
+    @_readable
+    def prefill(payload):
+        path, _ = _upload_path(payload)
+        lr, _ = check_upload(path, 1, cfg.max_output_pixels)
+        return engine.prompts(lr)
+
+    @_readable
+    def run(payload, content, quality, steps, guidance, seed, color_fix, upscale, tiled, tile_px):
+        path, name = _upload_path(payload)
+        controls = Controls(steps=int(steps), guidance=float(guidance), seed=int(seed or 0), color_fix=color_fix,
+                            upscale=int(upscale), tiled=bool(tiled), tile_px=int(tile_px))
+        result = engine.run(path, name, content or "", quality or "", controls)
+        used = "\n".join(f"{k}: {v}" for k, v in result.prompts.items())
+        return (result.before, result.sr), used, _info(result), str(result.png)
+
+    with gr.Blocks(title="XPSR super-resolution", analytics_enabled=False) as app:
+        gr.Markdown(f"## XPSR super-resolution\nModel: `{cfg.weights or 'fresh ' + cfg.model.base}` on "
+                    f"{engine.device}. Outputs above {cfg.max_output_pixels:,} pixels are refused.")
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(label="Low-resolution image", type="filepath", sources=["upload", "clipboard"],
+                                 elem_id="lr_input")
+                quality = gr.Textbox(label="Quality prompt (offline heuristic; edit freely, empty = heuristic)",
+                                     lines=2, elem_id="quality_prompt")
+                content = gr.Textbox(label="Content prompt (" + (f"{cfg.content_captioner}" if cfg.content_captioner
+                                     else "no captioner configured") + "; edit freely or leave empty)",
+                                     lines=2, elem_id="content_prompt")
+                with gr.Accordion("Settings", open=True):
+                    steps = gr.Slider(1, max(100, cfg.num_inference_steps), value=cfg.num_inference_steps, step=1,
+                                      label="Steps")
+                    guidance = gr.Slider(1.0, max(15.0, cfg.guidance_scale), value=cfg.guidance_scale, step=0.5,
+                                         label="Guidance")
+                    seed = gr.Number(value=cfg.seed, precision=0, label="Seed")
+                    color_fix = gr.Radio(["adain", "wavelet", "none"], value=cfg.color_fix, label="Colour fix")
+                    upscale = gr.Slider(1, 8, value=cfg.upscale, step=1, label="Upscale")
+                    tiled = gr.Checkbox(value=True, label=f"Tiled diffusion and VAE (always on above "
+                                                          f"{cfg.untiled_max_side} px)")
+                    tile_px = gr.Slider(128, max(1024, cfg.latent_tile * 8), value=cfg.latent_tile * 8, step=64,
+                                        label="Tile size (px)")
+                run_button = gr.Button("Super-resolve", variant="primary", elem_id="run_button")
+            with gr.Column():
+                slider = gr.ImageSlider(label="Before (bicubic) | after (XPSR)", format="png", interactive=False,
+                                        elem_id="result")
+                info = gr.Markdown(elem_id="run_info")
+                used = gr.Textbox(label="Prompts used", lines=4, interactive=False, elem_id="prompts_used")
+                download = gr.File(label="Download PNG", interactive=False, elem_id="download")
+        # one concurrency group of size 1 for both events: the captioner and the SR model never run at once
+        image.upload(prefill, inputs=image, outputs=[quality, content], preprocess=False, api_name="prompts",
+                     concurrency_limit=1, concurrency_id="model")
+        run_button.click(run, inputs=[image, content, quality, steps, guidance, seed, color_fix, upscale, tiled,
+                                      tile_px], outputs=[slider, used, info, download], preprocess=False,
+                         api_name="super_resolve", concurrency_limit=1, concurrency_id="model")
+    app.queue(default_concurrency_limit=1)
+    return app
+
+
+def serve(cfg: ServeConfig, block: bool = True) -> gr.Blocks:
+    """Load the model once, then serve the page on ``cfg.host:cfg.port`` (blocks until interrupted)."""
+    output_dir = Path(cfg.output_dir) if cfg.output_dir else Path(tempfile.mkdtemp(prefix="xpsr-serve-"))
+    engine = Engine(cfg, output_dir)
+    app = build_app(engine)
+    print(f"serve: model loaded on {engine.device}; results go to {output_dir}", flush=True)
+    app.launch(server_name=cfg.host, server_port=cfg.port, share=False, show_error=True, quiet=False,
+               allowed_paths=[str(output_dir)], max_file_size=f"{cfg.max_file_mb}mb", theme=THEME,
+               ssr_mode=False, prevent_thread_lock=not block)
+    return app

@@ -48,7 +48,8 @@ class ModelConfig:
                                        "'zero': proj_out starts at 0 so the UNet starts unchanged; 'random': official")
     dfc_pixel_heads: bool = doc(True, "RGB side outputs of the conditioning embedding (pixel-space DFC)")
     dfc_latent_heads: bool = doc(True, "one 3x3 conv per ControlNet residual to latent channels (latent-space DFC)")
-    rrdb: bool = doc(False, "two RRDBs after the conditioning embedding's first conv (official `use_rrdb`)")
+    rrdb: bool = doc(False, "two RRDBs after the conditioning embedding's first conv, growth = its width, BasicSR's "
+                            "0.1-scaled init (official `use_rrdb`)")
     conditioning_channels: list[int] = doc([16, 32, 96, 256], "conditioning-embedding widths (3 stride-2 stages)")
     gradient_checkpointing: bool = doc(False, "recompute activations in backward (enabled after injection)")
     seed: int = doc(0, "seed for the tiny preset and for freshly initialised XPSR weights")

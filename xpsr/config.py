@@ -305,6 +305,9 @@ class InferConfig:
                              "initial latent. lr (official): the LR latent noised to the first timestep, then "
                              "noised again to added_noise_level, and every step is sampled; sdedit: the LR latent "
                              "noised once to added_noise_level and sampling starts there (fewer steps); noise")
+    lr_latent: str = choice("sample", ("sample", "mean"),
+                            "start_from=lr|sdedit: the LR latent is a sample of the VAE posterior drawn with the "
+                            "seeded generator (official: latent_dist.sample), or its mean")
     added_noise_level: int = doc(800, "start_from=lr: timestep of the second noising; start_from=sdedit: the "
                                       "timestep sampling starts at (the first scheduled one at or below it)")
     upscale: int = doc(4, "output = upscale x input")
@@ -314,6 +317,9 @@ class InferConfig:
     process_size: int = doc(512, "outputs whose short side is smaller are processed with this short side (sizes "
                                  "rounded down to multiples of 8, as the official script), then resized back")
     color_fix: str = choice("adain", ("adain", "wavelet", "none"), "colour correction against the LR (official: adain)")
+    color_fix_8bit: bool = doc(False, "as the official test script: the SR rounded to 8 bits before the colour fix "
+                                      "and the fixed image truncated to 8 bits after it (its ToPILImage); false: "
+                                      "the fix on floats, rounded once at the end")
     seed: int = doc(0, "seed of the initial noise and the sampler")
     dtype: str = choice("fp32", ("fp32", "fp16", "bf16"), "weights and compute dtype")
     device: str = doc("auto", "'auto' (the accelerate process's device), 'cpu', 'cuda'")

@@ -74,3 +74,47 @@ def test_rrdb_preprocessor(make_tiny):
     with torch.no_grad():
         _, out = run(m, x)
     assert all(torch.isfinite(r).all() for r in out.pixel_rgbs)
+
+
+def test_rrdb_is_basicsr_rrdb_with_growth_equal_to_width_and_scaled_init(make_tiny):
+    """As the official `RRDB(block_out_channels[0], block_out_channels[0])` from BasicSR 1.4.2: in each dense
+    block conv k takes width*k channels (growth = width), every conv is 3x3, Kaiming-normal times 0.1 with zero
+    bias; forward x + 0.2 * rdb3(rdb2(rdb1(x))), each rdb x + 0.2 * conv5(cat(x, x1..x4)), leaky ReLU 0.2."""
+    emb = make_tiny(rrdb=True).controlnet.controlnet_cond_embedding
+    width = emb.conv_in.out_channels
+    shapes = {k: tuple(v.shape) for k, v in emb.preprocessor.state_dict().items()}
+    expected = {}
+    for block in range(2):
+        for rdb in (1, 2, 3):
+            for k in range(1, 6):
+                expected[f"{block}.rdb{rdb}.conv{k}.weight"] = (width, width * k, 3, 3)
+                expected[f"{block}.rdb{rdb}.conv{k}.bias"] = (width,)
+    assert shapes == expected
+
+    # the init, by hand: default Conv2d init of conv1..conv5 in order, then kaiming_normal_ * 0.1 and bias 0
+    torch.manual_seed(7)
+    ours = RRDB(16, 16)
+    torch.manual_seed(7)
+    hand = {}
+    for rdb in (1, 2, 3):
+        convs = [torch.nn.Conv2d(16 * k, 16, 3, 1, 1) for k in range(1, 6)]
+        for k, conv in enumerate(convs, 1):
+            torch.nn.init.kaiming_normal_(conv.weight, a=0, mode="fan_in", nonlinearity="leaky_relu")
+            hand[f"rdb{rdb}.conv{k}.weight"] = conv.weight.detach() * 0.1
+            hand[f"rdb{rdb}.conv{k}.bias"] = torch.zeros(16)
+    state = ours.state_dict()
+    assert state.keys() == hand.keys() and all(torch.equal(state[k], hand[k]) for k in hand)
+    w = state["rdb1.conv5.weight"]  # fan-in 5 * 16 * 3 * 3
+    assert abs(w.std().item() - 0.1 * (2 / (80 * 9)) ** 0.5) < 0.1 * 0.1 * (2 / (80 * 9)) ** 0.5
+
+    # the forward, by hand
+    x = torch.randn(1, 16, 6, 5)
+
+    def rdb(i, v):
+        feats = [v]
+        for k in range(1, 5):
+            feats.append(F.leaky_relu(F.conv2d(torch.cat(feats, 1), hand[f"rdb{i}.conv{k}.weight"], padding=1), 0.2))
+        return F.conv2d(torch.cat(feats, 1), hand[f"rdb{i}.conv5.weight"], padding=1) * 0.2 + v
+
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), rdb(3, rdb(2, rdb(1, x))) * 0.2 + x, rtol=1e-5, atol=1e-6)

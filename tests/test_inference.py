@@ -85,7 +85,7 @@ def test_torch_resize_backend_gives_the_same_output_size(modules):
 
 
 def test_lr_start_is_the_official_double_noising_and_samples_every_step(modules):
-    cfg = _cfg(start_from="lr", added_noise_level=800, num_inference_steps=5, vae_tile=0)
+    cfg = _cfg(start_from="lr", added_noise_level=800, num_inference_steps=5, vae_tile=0, lr_latent="mean")
     scheduler = make_scheduler("ddpm", modules.scheduler.config)
     scheduler.set_timesteps(5)
     lr = torch.rand(1, 3, 32, 48)

@@ -77,3 +77,44 @@ def test_wrong_official_weights_give_a_readable_error():
 def test_not_an_official_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="not an official XPSR checkpoint"):
         load_official(tmp_path)
+
+
+def _official_rrdb_shapes(width: int) -> dict[str, tuple[int, ...]]:
+    """The official `preprocesser`: nn.Sequential of two BasicSR RRDB(width, width) (models/xpsr/controlnet.py);
+    each RRDB has rdb1..rdb3, each with conv1..conv5: conv k maps width * k channels to width, 3x3."""
+    shapes = {}
+    for block in range(2):
+        for rdb in (1, 2, 3):
+            for k in range(1, 6):
+                key = f"controlnet_cond_embedding.preprocesser.{block}.rdb{rdb}.conv{k}"
+                shapes[f"{key}.weight"], shapes[f"{key}.bias"] = (width, width * k, 3, 3), (width,)
+    return shapes
+
+
+def test_official_use_rrdb_keys_load_strictly_and_round_trip(tmp_path):
+    plain = _model(SD21_LIKE)
+    unet_state, cn_state, config = export_official(plain.unet, plain.controlnet, plain.config)
+    g = torch.Generator().manual_seed(5)
+    rrdb = {k: torch.randn(s, generator=g) * 0.02 for k, s in _official_rrdb_shapes(8).items()}
+    config["controlnet"]["use_rrdb"] = True
+    _, cn, cfg = build_from_official(unet_state, {**cn_state, **rrdb}, config)  # strict: no missing/extra key
+    assert cfg.rrdb is True
+    ours = cn.state_dict()
+    assert all(torch.equal(ours[k.replace(".preprocesser.", ".preprocessor.")], v) for k, v in rrdb.items())
+
+    m = _model(SD21_LIKE, rrdb=True)
+    unet_state, cn_state, config = export_official(m.unet, m.controlnet, m.config)
+    assert config["controlnet"]["use_rrdb"] is True
+    assert {k: tuple(v.shape) for k, v in cn_state.items() if ".preprocesser." in k} == _official_rrdb_shapes(8)
+    save_file(unet_state, str(tmp_path / "official_unet.safetensors"))
+    save_file(cn_state, str(tmp_path / "official_controlnet.safetensors"))
+    (tmp_path / "official_config.json").write_text(json.dumps(config))
+    unet, cn, cfg = load_official(tmp_path)
+    assert cfg.rrdb is True
+    x = tiny_inputs(m)
+    x["content_embeds"], x["quality_embeds"] = torch.randn(2, 7, 24), torch.randn(2, 9, 24)
+    with torch.no_grad():
+        ref, ref_cn = run(m, x)
+        got, got_cn = run(m, x, unet=unet, controlnet=cn)
+    assert torch.equal(ref, got)
+    assert all(torch.equal(a, b) for a, b in zip(ref_cn.pixel_rgbs, got_cn.pixel_rgbs))

@@ -48,7 +48,8 @@ class ModelConfig:
                                        "'zero': proj_out starts at 0 so the UNet starts unchanged; 'random': official")
     dfc_pixel_heads: bool = doc(True, "RGB side outputs of the conditioning embedding (pixel-space DFC)")
     dfc_latent_heads: bool = doc(True, "one 3x3 conv per ControlNet residual to latent channels (latent-space DFC)")
-    rrdb: bool = doc(False, "two RRDBs after the conditioning embedding's first conv (official `use_rrdb`)")
+    rrdb: bool = doc(False, "two RRDBs after the conditioning embedding's first conv, growth = its width, BasicSR's "
+                            "0.1-scaled init (official `use_rrdb`)")
     conditioning_channels: list[int] = doc([16, 32, 96, 256], "conditioning-embedding widths (3 stride-2 stages)")
     gradient_checkpointing: bool = doc(False, "recompute activations in backward (enabled after injection)")
     seed: int = doc(0, "seed for the tiny preset and for freshly initialised XPSR weights")
@@ -304,6 +305,9 @@ class InferConfig:
                              "initial latent. lr (official): the LR latent noised to the first timestep, then "
                              "noised again to added_noise_level, and every step is sampled; sdedit: the LR latent "
                              "noised once to added_noise_level and sampling starts there (fewer steps); noise")
+    lr_latent: str = choice("sample", ("sample", "mean"),
+                            "start_from=lr|sdedit: the LR latent is a sample of the VAE posterior drawn with the "
+                            "seeded generator (official: latent_dist.sample), or its mean")
     added_noise_level: int = doc(800, "start_from=lr: timestep of the second noising; start_from=sdedit: the "
                                       "timestep sampling starts at (the first scheduled one at or below it)")
     upscale: int = doc(4, "output = upscale x input")
@@ -313,6 +317,9 @@ class InferConfig:
     process_size: int = doc(512, "outputs whose short side is smaller are processed with this short side (sizes "
                                  "rounded down to multiples of 8, as the official script), then resized back")
     color_fix: str = choice("adain", ("adain", "wavelet", "none"), "colour correction against the LR (official: adain)")
+    color_fix_8bit: bool = doc(False, "as the official test script: the SR rounded to 8 bits before the colour fix "
+                                      "and the fixed image truncated to 8 bits after it (its ToPILImage); false: "
+                                      "the fix on floats, rounded once at the end")
     seed: int = doc(0, "seed of the initial noise and the sampler")
     dtype: str = choice("fp32", ("fp32", "fp16", "bf16"), "weights and compute dtype")
     device: str = doc("auto", "'auto' (the accelerate process's device), 'cpu', 'cuda'")

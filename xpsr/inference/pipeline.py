@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from PIL import Image
 
 from xpsr.config import InferConfig
-from xpsr.inference.color import color_fix
+from xpsr.inference.color import fix_colors
 from xpsr.inference.tiling import tiled_apply, vae_decode, vae_encode
 from xpsr.models.forward import predict_noise
 from xpsr.models.text import encode_prompts
@@ -45,23 +45,55 @@ def noise_to(x: torch.Tensor, noise: torch.Tensor, t: int, scheduler) -> torch.T
     return ab.sqrt() * x + (1 - ab).sqrt() * noise
 
 
+def lr_posterior_sample(vae, image: torch.Tensor, tile: int | None, generator: torch.Generator,
+                        overlap: int = 64) -> torch.Tensor:
+    """Scaled latents ``(mean + std * eps) * scaling_factor`` of the VAE posterior of ``image`` (in [-1, 1]),
+    eps ~ N(0, I) over the whole latent from ``generator`` (the official ``latent_dist.sample(generator)``).
+
+    Larger than ``tile`` px, the image is encoded in windows (as ``vae_encode``) and the per-window samples,
+    which share one eps, are blended: that equals blending the windows' means and stds, then sampling."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    h, w = image.shape[-2] // factor, image.shape[-1] // factor
+    eps = torch.randn((1, vae.config.latent_channels, h, w), generator=generator).to(image.device)
+    dtype = next(vae.parameters()).dtype
+
+    def window(y: int, x: int, th: int, tw: int) -> torch.Tensor:
+        crop = image[:, :, y * factor:(y + th) * factor, x * factor:(x + tw) * factor]
+        posterior = vae.encode(crop.to(dtype)).latent_dist
+        return posterior.mean.float() + posterior.std.float() * eps[:, :, y:y + th, x:x + tw]
+
+    if not tile or max(image.shape[-2:]) <= tile:
+        return window(0, 0, h, w) * vae.config.scaling_factor
+    return tiled_apply(window, h, w, tile // factor, overlap // factor) * vae.config.scaling_factor
+
+
+def lr_latents(modules, lr_cond: torch.Tensor, cfg: InferConfig, generator: torch.Generator) -> torch.Tensor:
+    """Scaled latents of the condition image (the upscaled LR, [0, 1] -> [-1, 1]): a posterior sample
+    (``lr_latent=sample``, official; the first draw from ``generator``) or the posterior mean."""
+    image = lr_cond * 2 - 1
+    if cfg.lr_latent == "mean":
+        return vae_encode(modules.vae, image, cfg.vae_tile)
+    return lr_posterior_sample(modules.vae, image, cfg.vae_tile, generator)
+
+
 def start_latents(modules, lr_cond: torch.Tensor, scheduler, timesteps: torch.Tensor, cfg: InferConfig,
                   generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(initial latents, timesteps to sample) for ``cfg.start_from``.
 
     lr (official XPSR/PASD): z_lr noised to the first scheduled timestep, then noised again to
     ``added_noise_level``; every scheduled step is sampled. sdedit: z_lr noised once to
-    ``added_noise_level``; sampling starts at the first scheduled timestep at or below it. noise: N(0, I)."""
+    ``added_noise_level``; sampling starts at the first scheduled timestep at or below it. noise: N(0, I).
+    Draws from ``generator`` in the official order: posterior sample, first noise, second noise."""
     shape = (1, modules.unet.config.in_channels, lr_cond.shape[-2] // 8, lr_cond.shape[-1] // 8)
-    noise = torch.randn(shape, generator=generator).to(device)
     if cfg.start_from == "noise":
-        return noise * scheduler.init_noise_sigma, timesteps
+        return torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma, timesteps
     if not 0 <= cfg.added_noise_level < len(scheduler.alphas_cumprod):
         raise ValueError(f"added_noise_level={cfg.added_noise_level} is outside the scheduler's timesteps "
                          f"[0, {len(scheduler.alphas_cumprod) - 1}]")
-    lr_latents = vae_encode(modules.vae, lr_cond * 2 - 1, cfg.vae_tile)
+    z_lr = lr_latents(modules, lr_cond, cfg, generator)
+    noise = torch.randn(shape, generator=generator).to(device)
     if cfg.start_from == "lr":
-        latents = noise_to(lr_latents, noise, timesteps[0], scheduler)
+        latents = noise_to(z_lr, noise, timesteps[0], scheduler)
         second = torch.randn(shape, generator=generator).to(device)
         return noise_to(latents, second, cfg.added_noise_level, scheduler) * scheduler.init_noise_sigma, timesteps
     keep = timesteps[timesteps <= cfg.added_noise_level]
@@ -69,7 +101,7 @@ def start_latents(modules, lr_cond: torch.Tensor, scheduler, timesteps: torch.Te
         raise ValueError(f"added_noise_level={cfg.added_noise_level} is below every scheduled timestep")
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(len(timesteps) - len(keep))
-    return noise_to(lr_latents, noise, keep[0], scheduler), keep
+    return noise_to(z_lr, noise, keep[0], scheduler), keep
 
 
 def guided_noise(modules, latents, t, lr_cond, content, quality, cfg: InferConfig) -> torch.Tensor:
@@ -155,5 +187,5 @@ def super_resolve(modules, lr: np.ndarray, content_prompt: str, quality_prompt: 
         latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
 
     image = (vae_decode(modules.vae, latents, cfg.vae_tile // 8 if cfg.vae_tile else None) + 1) / 2
-    image = color_fix(image.clamp(0, 1), lr_cond.float(), cfg.color_fix)
+    image = fix_colors(image.clamp(0, 1), lr_cond.float(), cfg.color_fix, cfg.color_fix_8bit)
     return final_resize(image, (th, tw), cfg)

@@ -18,6 +18,16 @@ from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedd
 from torch import nn
 
 
+def _scaled_kaiming_init(convs: Sequence[nn.Conv2d], scale: float) -> None:
+    """BasicSR's ``default_init_weights``: Kaiming-normal weights (fan-in, leaky-ReLU gain with slope 0) times
+    ``scale``, zero biases -- small residual branches, so a fresh RRDB starts close to the identity."""
+    with torch.no_grad():
+        for conv in convs:
+            nn.init.kaiming_normal_(conv.weight)
+            conv.weight.mul_(scale)
+            conv.bias.zero_()
+
+
 class _DenseBlock(nn.Module):
     """Residual dense block (five 3x3 convs with dense connections, residual scaled by 0.2)."""
 
@@ -27,6 +37,7 @@ class _DenseBlock(nn.Module):
             out = channels if i == 4 else growth
             setattr(self, f"conv{i + 1}", nn.Conv2d(channels + i * growth, out, 3, padding=1))
         self.act = nn.LeakyReLU(0.2, inplace=True)
+        _scaled_kaiming_init([getattr(self, f"conv{i + 1}") for i in range(5)], 0.1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = [x]
@@ -36,7 +47,7 @@ class _DenseBlock(nn.Module):
 
 
 class RRDB(nn.Module):
-    """Residual-in-residual dense block (ESRGAN); key names match the official checkpoint."""
+    """Residual-in-residual dense block (ESRGAN, as BasicSR builds it); key names match the official checkpoint."""
 
     def __init__(self, channels: int, growth: int = 32):
         super().__init__()
@@ -66,8 +77,10 @@ class DFCConditioningEmbedding(ControlNetConditioningEmbedding):
         base.__class__ = cls
         base.to_rgbs = (nn.ModuleList(nn.Conv2d(w, 3, 3, padding=1) for w in stage_widths).to(ref)
                         if rgb_heads else None)
+        # The official embedding builds RRDB(width, width): the growth equals the width (16 for SD), not
+        # BasicSR's default 32 -- with 32 an official use_rrdb checkpoint would not load.
         width = base.conv_in.out_channels
-        base.preprocessor = nn.Sequential(RRDB(width), RRDB(width)).to(ref) if rrdb else None
+        base.preprocessor = nn.Sequential(RRDB(width, width), RRDB(width, width)).to(ref) if rrdb else None
         base.side_outputs = None
         return base
 

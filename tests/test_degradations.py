@@ -121,9 +121,10 @@ def test_resize_direction_follows_probabilities():
     assert all(0.15 <= f <= 1 for f in factors)
 
 
-def test_jpeg_error_falls_as_quality_rises():
+@pytest.mark.parametrize("codec", ["torch", "opencv"])
+def test_jpeg_error_falls_as_quality_rises(codec):
     img = _hr(64, seed=1) * 0.8 + torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 0.2
-    errors = [(jpeg(img, q) - img).abs().mean().item() for q in (10, 30, 50, 70, 90)]
+    errors = [(jpeg(img, q, codec) - img).abs().mean().item() for q in (10, 30, 50, 70, 90)]
     assert all(a > b for a, b in zip(errors, errors[1:])), errors
 
 

@@ -181,6 +181,11 @@ def _stage(img: torch.Tensor, stage: dict, size: tuple[int, int] | None, generat
     return _noise(img, stage["noise"], generator)
 
 
+def second_stage_size(h: int, w: int, scale: int, factor: float) -> tuple[int, int]:
+    """The official second-stage size, int(H / scale * factor): from the HR size, not from H // scale."""
+    return int(h / scale * factor), int(w / scale * factor)
+
+
 def degrade(img: torch.Tensor, params: dict, scale: int) -> torch.Tensor:
     """Apply a sampled degradation to ``img`` (B, 3, H, W) in [0, 1]; returns LR of size (H/scale, W/scale).
 
@@ -199,8 +204,8 @@ def degrade(img: torch.Tensor, params: dict, scale: int) -> torch.Tensor:
     if params["stage1"]["jpeg"] is not None:
         x = jpeg(x.clamp(0, 1), params["stage1"]["jpeg"], codec)
     if params.get("stage2") is not None:
-        factor = params["stage2"]["resize"]["factor"]
-        x = _stage(x, params["stage2"], (int(h / scale * factor), int(w / scale * factor)), generator)
+        x = _stage(x, params["stage2"], second_stage_size(h, w, scale, params["stage2"]["resize"]["factor"]),
+                   generator)
     final = params["final"]
 
     def resize_and_sinc(y: torch.Tensor) -> torch.Tensor:

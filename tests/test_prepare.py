@@ -196,3 +196,11 @@ def test_resuming_into_a_folder_of_another_recipe_fails(tmp_path):
     manifest.write_text(json.dumps(line) + "\n")
     with pytest.raises(RecipeMismatchError, match="degrade-then-usm/v1"):
         prepare_pairs(prepare_config([src], tmp_path / "out", variants=2))
+
+
+def test_resuming_with_other_degradation_settings_fails(tmp_path):
+    src = make_sources(tmp_path / "src", n=1)
+    prepare_pairs(prepare_config([src], tmp_path / "out"))
+    with pytest.raises(RecipeMismatchError, match="settings_hash"):
+        prepare_pairs(prepare_config([src], tmp_path / "out", **{"degradation.stage1.noise_range": "[1,5]"}))
+    assert prepare_pairs(prepare_config([src], tmp_path / "out", variants=2))["pairs_made"] == 1  # more pairs: fine

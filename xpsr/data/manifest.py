@@ -96,7 +96,8 @@ def check_resume_recipe(manifest: Path, records: list[dict], recipe: str, extra:
             if found is not None and r.get(key, value) != value:
                 raise RecipeMismatchError(
                     f"{manifest} holds pairs made with {key}={r.get(key)!r} (e.g. {r.get('id')}) but this run "
-                    f"uses {key}={value!r}; write to a new output_dir or use the same setting"
+                    f"has {key}={value!r}; resume with the settings of that run (see its report.json) or write "
+                    "to a new output_dir"
                 )
 
 

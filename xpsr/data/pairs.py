@@ -13,6 +13,7 @@ The recipe (README: Data): crop -> USM sharpening -> the two-stage degradation o
 from __future__ import annotations
 
 import hashlib
+import json
 import multiprocessing as mp
 import time
 from dataclasses import dataclass
@@ -44,6 +45,13 @@ class Job:
 def pair_id(source: Path, source_hash: str, crop: int, variant: int, test_set: bool) -> str:
     stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in source.stem)[:64]
     return f"{stem}-{source_hash[:8]}" if test_set else f"{stem}-{source_hash[:8]}-c{crop}-v{variant}"
+
+
+def settings_hash(cfg: PrepareConfig) -> str:
+    """Fingerprint of every setting that changes a pair's bytes (not the crop/variant counts, which only add pairs)."""
+    keys = ("seed", "scale", "crop_size", "test_set", "test_crop", "small_images", "share_draws_every")
+    settings = {k: getattr(cfg, k) for k in keys} | {"degradation": to_dict(cfg.degradation)}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def draw_groups(hashes: list[str], size: int) -> list[dict | None]:
@@ -129,7 +137,8 @@ def process_job(job: Job, cfg: PrepareConfig) -> dict:
             "hr_hash": file_hash(out / "hr" / f"{pid}.png"), "lr_hash": file_hash(out / "lr" / f"{pid}.png"),
             "source_hash": job.source_hash, "crop_box": [x, y, cfg.crop_size, cfg.crop_size], "scale": cfg.scale,
             "seed": cfg.seed, "crop_index": crop, "variant": variant, "usm": d.usm_gt, "recipe": recipe,
-            "share_draws_every": cfg.share_draws_every, "degradation": params, "notes": notes,
+            "share_draws_every": cfg.share_draws_every, "settings_hash": settings_hash(cfg), "degradation": params,
+            "notes": notes,
         }
         if job.group is not None:
             record["draw_group"] = job.group
@@ -170,7 +179,7 @@ def prepare_pairs(cfg: PrepareConfig) -> dict:
     existing = read_manifest(manifest_path)
     d = cfg.degradation
     check_resume_recipe(manifest_path, existing, recipe_name(d.usm_gt, d.degrade_sharpened),
-                        {"share_draws_every": cfg.share_draws_every})
+                        {"share_draws_every": cfg.share_draws_every, "settings_hash": settings_hash(cfg)})
     done = {r["id"] for r in existing}
     jobs, entries = _jobs(cfg, done), []
     total = sum(len(j.pairs) for j in jobs)

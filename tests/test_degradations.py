@@ -243,3 +243,14 @@ def test_records_of_the_first_recipe_are_refused():
     del params["version"]
     with pytest.raises(ValueError, match="version 1"):
         degrade(_hr(), params, 4)
+
+
+def test_data_configs_degrade_the_sharpened_crop_with_the_torch_jpeg():
+    from conftest import REPO
+
+    from xpsr.config import PrepareConfig, load_config
+
+    for name in ("xpsr.yaml", "realesrgan.yaml"):
+        cfg = load_config(PrepareConfig, REPO / "configs" / "data" / name, allow_missing=True)
+        d = cfg.degradation
+        assert d.usm_gt and d.degrade_sharpened and d.jpeg_codec == "torch" and cfg.share_draws_every == 1

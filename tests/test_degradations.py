@@ -9,8 +9,16 @@ from safetensors.numpy import load_file
 
 from xpsr.config import DegradationConfig
 from xpsr.data import kernels as K
-from xpsr.data.degradations import (add_gaussian_noise, add_poisson_noise, degrade, resize_by_factor,
-                                    sample_degradation, sample_shared_draws, second_stage_size, usm_sharpen)
+from xpsr.data.degradations import (
+    add_gaussian_noise,
+    add_poisson_noise,
+    degrade,
+    resize_by_factor,
+    sample_degradation,
+    sample_shared_draws,
+    second_stage_size,
+    usm_sharpen,
+)
 from xpsr.data.jpeg import jpeg
 
 REF = DATA / "golden" / "realesrgan"

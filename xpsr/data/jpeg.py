@@ -83,7 +83,8 @@ def jpeg_torch(img: torch.Tensor, quality: float | list[float] | torch.Tensor) -
     dev, dt = img.device, img.dtype
     x = F.pad(img, (0, (-w) % 16, 0, (-h) % 16), value=0.0) * 255
     ycc = torch.einsum("ij,bjhw->bihw", torch.as_tensor(RGB_TO_YCBCR, dtype=dt, device=dev), x)
-    ycc = ycc + torch.tensor([0.0, 128.0, 128.0], dtype=dt, device=dev).view(1, 3, 1, 1)
+    offset = torch.tensor([0.0, 128.0, 128.0], dtype=dt, device=dev).view(1, 3, 1, 1)
+    ycc = ycc + offset
     chroma = F.avg_pool2d(ycc[:, 1:], kernel_size=2, stride=2)
     c = dct_matrix(dt, dev)
     luma_table = torch.as_tensor(LUMA_TABLE.T, dtype=dt, device=dev)[None] * factor.view(b, 1, 1)
@@ -92,7 +93,7 @@ def jpeg_torch(img: torch.Tensor, quality: float | list[float] | torch.Tensor) -
     cb = _quantise_round_trip(chroma[:, 0], chroma_table, c)
     cr = _quantise_round_trip(chroma[:, 1], chroma_table, c)
     chroma_up = torch.stack([cb, cr], 1).repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
-    ycc = torch.cat([y[:, None], chroma_up], 1) - torch.tensor([0.0, 128.0, 128.0], dtype=dt, device=dev).view(1, 3, 1, 1)
+    ycc = torch.cat([y[:, None], chroma_up], 1) - offset
     rgb = torch.einsum("ij,bjhw->bihw", torch.as_tensor(YCBCR_TO_RGB, dtype=dt, device=dev), ycc)
     return (rgb.clamp(0, 255) / 255)[:, :, :h, :w]
 

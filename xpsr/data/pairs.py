@@ -26,8 +26,14 @@ from tqdm import tqdm
 from xpsr.config import PrepareConfig, to_dict
 from xpsr.data.degradations import degrade, sample_degradation, sample_shared_draws, usm_sharpen
 from xpsr.data.images import ImageError, file_hash, list_images, load_rgb, save_png_atomic
-from xpsr.data.manifest import (NothingUsableError, ManifestWriter, check_resume_recipe, read_manifest,
-                                recipe_name, write_report)
+from xpsr.data.manifest import (
+    ManifestWriter,
+    NothingUsableError,
+    check_resume_recipe,
+    read_manifest,
+    recipe_name,
+    write_report,
+)
 from xpsr.data.paired_import import import_paired
 
 __all__ = ["NothingUsableError", "pair_id", "prepare_pairs", "process_job", "read_manifest"]

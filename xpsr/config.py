@@ -135,7 +135,11 @@ class DegradationConfig:
     final_sinc_prob: float = doc(0.8, "probability of the final sinc filter")
     final_sinc_sizes: list[int] = doc([7, 9, 11, 13, 15, 17, 19, 21], "kernel sizes of the final sinc filter")
     kernel_pad_to: int = doc(21, "every kernel is zero-padded to this size")
-    usm_gt: bool = doc(True, "unsharp-mask the HR target (saved as the HR image)")
+    usm_gt: bool = doc(True, "unsharp-mask the HR crop (saved as the HR image)")
+    degrade_sharpened: bool = doc(True, "with usm_gt: degrade the sharpened crop (official make_train.py, "
+                                        "Real-ESRGAN); false = degrade the plain crop (recipe v1 order, ablation)")
+    jpeg_codec: str = choice("torch", ("torch", "opencv"), "'torch': BasicSR DiffJPEG's arithmetic with hard "
+                             "rounding and float quality (official); 'opencv': a real 8-bit codec, integer quality")
     usm_weight: float = doc(0.5, "USM weight")
     usm_radius: int = doc(50, "USM Gaussian size (made odd)")
     usm_threshold: float = doc(10.0, "USM threshold on the 0-255 scale")
@@ -159,6 +163,8 @@ class PrepareConfig:
     paired_lr: str | None = doc(None, "import an existing paired set: its LR folder (paired by sorted name)")
     workers: int = doc(0, "worker processes (0 = in-process)")
     device: str = doc("cpu", "device for the torch degradation ops ('cpu', 'cuda')")
+    share_draws_every: int = doc(1, "pairs per group sharing the official per-batch draws (make_train.py: 10; "
+                                    "groups: consecutive sources of the sorted input list, per crop and variant)")
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
 
 
@@ -219,6 +225,8 @@ class DatasetConfig:
     quality_dropout: float = doc(0.0, "probability of an empty quality prompt (for classifier-free guidance)")
     return_lr: bool = doc(False, "also return the native-size LR crop")
     seed: int = doc(0, "seed of the per-sample randomness (crop, flip, dropout)")
+    allow_old_recipe: bool = doc(False, "read pair folders made by an older `prepare` recipe (warning) "
+                                        "instead of failing; README: Data")
 
 
 @dataclass

@@ -1,0 +1,92 @@
+"""PSNR and SSIM on the Y channel of BT.601 YCbCr, computed here so the core install needs no pyiqa.
+
+The conventions are the ones the official XPSR `test.py` gets from pyiqa (`test_y_channel=True`,
+`color_space="ycbcr"`), and `tests/test_psnr_ssim.py` pins our values to pyiqa's:
+
+- Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255 for 8-bit R, G, B, i.e. the [16, 235] range of SR papers
+  (not pyiqa's default `yiq`, which is ~1.3 dB away).
+- PSNR uses the unrounded Y, on a [0, 1] scale with pyiqa's guard of 1e-8 on the MSE (so two identical
+  images score 80 dB instead of infinity).
+- SSIM uses Y rounded to an integer (as MATLAB's `rgb2ycbcr` on uint8 does), an 11x11 Gaussian window with
+  sigma 1.5, K1 = 0.01, K2 = 0.03, data range 255, population (not sample) variances, only the positions
+  where the window fits inside the image, and the contrast-structure term clipped at 0 (as pyiqa does).
+- ``crop_border`` pixels are removed from every side before anything else.
+
+Y is computed in exact integer arithmetic (×255000): pyiqa's float32 conversion rounds a few hundred of the
+16.7M colours that sit on or next to a half-integer differently, which is why agreement is stated as a
+tolerance rather than equality.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# BT.601 luma coefficients for 8-bit RGB (×1000) and the offset, on a common denominator of 255 * 1000
+_Y_WEIGHTS = (65481, 128553, 24966)
+_Y_SCALE = 255_000
+_Y_OFFSET = 16 * _Y_SCALE
+PSNR_EPS = 1e-8  # added to the MSE of [0, 1] images, as pyiqa does
+SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2, SSIM_DATA_RANGE = 11, 1.5, 0.01, 0.03, 255.0
+
+
+def y_channel(rgb: np.ndarray, rounded: bool) -> np.ndarray:
+    """BT.601 Y in [16, 235] of an HxWx3 uint8 RGB image, as float64 (rounded: nearest integer, halves up)."""
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 uint8 RGB image, got {rgb.dtype} of shape {rgb.shape}")
+    channels = rgb.astype(np.int64)
+    scaled = (channels[..., 0] * _Y_WEIGHTS[0] + channels[..., 1] * _Y_WEIGHTS[1]
+              + channels[..., 2] * _Y_WEIGHTS[2] + _Y_OFFSET)  # exact: Y * 255000
+    if rounded:
+        return ((scaled + _Y_SCALE // 2) // _Y_SCALE).astype(np.float64)
+    return scaled / _Y_SCALE
+
+
+def _crop(img: np.ndarray, border: int) -> np.ndarray:
+    if border < 0:
+        raise ValueError(f"crop_border must be >= 0, got {border}")
+    if border == 0:
+        return img
+    if min(img.shape[:2]) <= 2 * border:
+        raise ValueError(f"crop_border={border} leaves nothing of a {img.shape[1]}x{img.shape[0]} image")
+    return img[border:-border, border:-border]
+
+
+def _check_pair(sr: np.ndarray, hr: np.ndarray) -> None:
+    if sr.shape != hr.shape:
+        raise ValueError(f"SR and HR differ in size: {sr.shape} vs {hr.shape}")
+
+
+def psnr_y(sr: np.ndarray, hr: np.ndarray, crop_border: int = 0) -> float:
+    """PSNR in dB between two HxWx3 uint8 RGB images, on the unrounded Y channel."""
+    _check_pair(sr, hr)
+    y_sr = y_channel(_crop(sr, crop_border), rounded=False) / 255.0
+    y_hr = y_channel(_crop(hr, crop_border), rounded=False) / 255.0
+    mse = float(np.mean((y_sr - y_hr) ** 2))
+    return float(10.0 * np.log10(1.0 / (mse + PSNR_EPS)))
+
+
+def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
+    """A size x size Gaussian summing to 1 (float64), centred on the middle pixel."""
+    offsets = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
+    profile = np.exp(-(offsets**2) / (2.0 * sigma**2))
+    window = np.outer(profile, profile)
+    return torch.from_numpy(window / window.sum())
+
+
+def ssim_y(sr: np.ndarray, hr: np.ndarray, crop_border: int = 0) -> float:
+    """Mean SSIM between two HxWx3 uint8 RGB images, on the rounded Y channel."""
+    _check_pair(sr, hr)
+    x = torch.from_numpy(y_channel(_crop(sr, crop_border), rounded=True))
+    y = torch.from_numpy(y_channel(_crop(hr, crop_border), rounded=True))
+    if min(x.shape) < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels after crop_border={crop_border}, "
+                         f"got {x.shape[1]}x{x.shape[0]}")
+    # one pass of the window over the five local moments: E[x], E[y], E[x^2], E[y^2], E[xy]
+    planes = torch.stack([x, y, x * x, y * y, x * y])[:, None]
+    mu_x, mu_y, xx, yy, xy = F.conv2d(planes, gaussian_window()[None, None])[:, 0]
+    var_x, var_y, cov_xy = xx - mu_x**2, yy - mu_y**2, xy - mu_x * mu_y
+    c1, c2 = (SSIM_K1 * SSIM_DATA_RANGE) ** 2, (SSIM_K2 * SSIM_DATA_RANGE) ** 2
+    luminance = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
+    contrast_structure = ((2 * cov_xy + c2) / (var_x + var_y + c2)).clamp(min=0)
+    return float((luminance * contrast_structure).mean())

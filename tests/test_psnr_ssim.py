@@ -82,15 +82,24 @@ def test_psnr_and_ssim_equal_an_independent_float64_computation():
             assert ssim_y(sr, hr, border) == pytest.approx(expected_ssim, abs=1e-10), name
 
 
+def _official_y(img: np.ndarray) -> torch.Tensor:
+    """Y as the official test.py computes it: float32 [0, 1] RGB times the BT.601 row, + 16, / 255, then float64."""
+    rgb = torch.from_numpy((img / 255.0).astype(np.float32))
+    luma = torch.tensor([[65.481], [128.553], [24.966]])
+    return ((rgb @ luma + 16.0) / 255.0).permute(2, 0, 1)[None].to(torch.float64)
+
+
 @pytest.mark.parametrize("crop_border", [0, 4])
 def test_psnr_and_ssim_agree_with_pyiqa(crop_border):
-    """pyiqa's `psnr`/`ssim` with the options `xpsr eval` used to pass them (and the official test.py's Y)."""
+    """pyiqa's `psnr`/`ssim` with the options `xpsr eval` used to pass them, and the official test.py's route (its
+    own Y plane into pyiqa's default `psnr`/`ssim`: unrounded for PSNR, rounded by pyiqa's SSIM)."""
     import pyiqa
     from pyiqa.utils.color_util import to_y_channel
 
     opts = {"test_y_channel": True, "color_space": "ycbcr", "crop_border": crop_border}
     pyiqa_psnr = pyiqa.create_metric("psnr", device="cpu", **opts)
     pyiqa_ssim = pyiqa.create_metric("ssim", device="cpu", **opts)
+    default_psnr, default_ssim = pyiqa.create_metric("psnr", device="cpu"), pyiqa.create_metric("ssim", device="cpu")
 
     def tensor(img):
         return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float().div(255)
@@ -111,6 +120,10 @@ def test_psnr_and_ssim_agree_with_pyiqa(crop_border):
             differ = y_channel(img, rounded=True) != theirs
             assert np.all(np.abs(exact[differ] % 1 - 0.5) < 4e-5), name  # only colours next to a half-integer
         assert abs(ssim_of_planes(y_sr, y_hr) - theirs_ssim) < PYIQA_SSIM_SAME_Y_TOL, name
+        if crop_border == 0:  # the official test.py's own route: its float32 Y plane into pyiqa's default metrics
+            official_sr, official_hr = _official_y(sr), _official_y(hr)
+            assert abs(ours_psnr - default_psnr(official_sr, official_hr).item()) < PYIQA_PSNR_TOL_DB, name
+            assert abs(ours_ssim - default_ssim(official_sr, official_hr).item()) < PYIQA_SSIM_TOL, name
         seen.add((round(ours_psnr, 2), round(ours_ssim, 3)))
     assert len(seen) == len(_pairs())  # the cases really differ (nothing trivially equal)
 

@@ -1,7 +1,8 @@
 """PSNR and SSIM on the Y channel of BT.601 YCbCr, computed here so the core install needs no pyiqa.
 
-The conventions are the ones the official XPSR `test.py` gets from pyiqa (`test_y_channel=True`,
-`color_space="ycbcr"`), and `tests/test_psnr_ssim.py` pins our values to pyiqa's:
+The conventions are those of the official XPSR `test.py`, which computes this Y itself and passes it to pyiqa's
+default `psnr`/`ssim` (the same as pyiqa with `test_y_channel=True, color_space="ycbcr"`);
+`tests/test_psnr_ssim.py` pins our values to both routes:
 
 - Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255 for 8-bit R, G, B, i.e. the [16, 235] range of SR papers
   (not pyiqa's default `yiq`, which is ~1.3 dB away).
@@ -13,7 +14,7 @@ The conventions are the ones the official XPSR `test.py` gets from pyiqa (`test_
 - ``crop_border`` pixels are removed from every side before anything else.
 
 Y is computed in exact integer arithmetic (×255000). pyiqa converts in float32, which rounds 143 of the 16.7M
-8-bit colours the other way (all within 4e-5 of a half-integer; 194 colours sit exactly on one), so the two
+8-bit colours the other way (measured here; all within 1.2e-5 of a half-integer, 84 of them exactly on one), so the two
 agree within a tolerance, not bit for bit.
 """
 from __future__ import annotations

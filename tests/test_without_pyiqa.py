@@ -85,4 +85,4 @@ print(json.dumps({{"rc": rc, "attempts": attempts}}))
     message = proc.stderr.strip()
     assert "\n" not in message and message.startswith("xpsr eval: metric 'lpips' needs pyiqa")
     assert 'pip install -e ".[metrics]"' in message and "PolyForm Noncommercial 1.0.0" in message
-    assert not (out / "metrics_cache.json").exists() and not (out / "metrics.csv").exists()  # PSNR not run first
+    assert not out.exists()  # refused before anything was computed or written (PSNR was not run first)

@@ -127,8 +127,8 @@ def check_metrics(metrics: list[str], has_hr: bool) -> None:
 def evaluate(cfg: EvalConfig) -> dict:
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     sr_dir, hr_dir, out = Path(cfg.sr), Path(cfg.hr) if cfg.hr else None, Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     check_metrics(cfg.metrics, has_hr=hr_dir is not None)
+    out.mkdir(parents=True, exist_ok=True)
     pairs = pair_images(sr_dir, hr_dir)
     settings = {"crop_border": cfg.crop_border, "y_channel": "BT.601 YCbCr [16,235]"}
     cache_path = out / "metrics_cache.json"

@@ -32,8 +32,8 @@ def seed_everything(seed: int, rank: int = 0) -> int:
 @contextlib.contextmanager
 def deterministic_mode(enabled: bool) -> Iterator[None]:
     """While active and ``enabled``: deterministic torch algorithms (an op without one raises), cuDNN
-    deterministic with autotuning off, and cuBLAS with a fixed workspace. Restores every setting on exit,
-    so an in-process caller (tests, notebooks) is left as it was.
+    deterministic with autotuning off, and cuBLAS with a fixed workspace. Restores the torch settings on
+    exit, so an in-process caller (tests, notebooks) is left as it was.
 
     ``CUBLAS_WORKSPACE_CONFIG`` is read when a process creates its first cuBLAS handle, i.e. on the first
     CUDA matmul. ``xpsr train`` calls this before any CUDA work, so setting the variable here is in time;
@@ -63,6 +63,8 @@ def deterministic_mode(enabled: bool) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[2], previous[3]
-        if workspace is None:
+        if workspace is None and not torch.cuda.is_initialized():
+            # once CUDA ran, cuBLAS handles created under the setting live on: keep it, so the
+            # process stays consistent (and a later deterministic session here is allowed)
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 

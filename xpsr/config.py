@@ -78,6 +78,9 @@ class BenchConfig:
     warmup: int = doc(2, "untimed steps first")
     device: str = doc("auto", "'auto', 'cpu' or 'cuda'")
     dtype: str = choice("fp32", ("fp32", "bf16", "fp16"), "autocast dtype of the forward (trainable weights stay fp32)")
+    frozen_unet_dtype: str = choice("fp32", ("fp32", "mixed_precision"),
+                                    "what=train: frozen UNet weights in fp32 (official) or in `dtype`")
+    deterministic: bool = doc(False, "what=train: deterministic GPU kernels, as `xpsr train deterministic=true`")
     gradient_checkpointing: bool = doc(False, "recompute activations in backward")
     compile: bool = doc(False, "torch.compile the UNet and ControlNet")
     fusion_mode: str = choice("sfa", FUSION_MODES, "fusion mode of the benchmarked model")
@@ -243,10 +246,21 @@ class DFCConfig:
 
 @dataclass
 class ValidationConfig:
+    """Validation samples with the inference code (`xpsr.inference`): the settings of ``infer_config``
+    (an `xpsr infer` YAML; null = InferConfig's defaults, the official test config), then the sampling keys
+    below on top. Their defaults are the official validation (train.py `log_validation` + xpsr_valid.yaml)."""
+
     every: int = doc(0, "validate every N steps (0 = never)")
     num_images: int = doc(2, "validation pairs, taken in order from the first data folder")
-    num_inference_steps: int = doc(20, "sampling steps of the validation run")
-    guidance_scale: float = doc(5.5, "classifier-free guidance of the validation run")
+    infer_config: str | None = doc(None, "an `xpsr infer` YAML for prompts, resize, tiling, colour fix...; "
+                                         "null = InferConfig defaults (the official test config)")
+    scheduler: str = doc("unipc", "sampler, as `xpsr infer scheduler=` (official validation: UniPC)")
+    num_inference_steps: int = doc(20, "sampling steps (official: 20)")
+    guidance_scale: float = doc(5.5, "classifier-free guidance (paper 5.5; official validation config 4.5)")
+    start_from: str = doc("lr", "initial latent, as `xpsr infer start_from=` (official: the LR latent, twice noised)")
+    added_noise_level: int = doc(400, "timestep of the second noising of the LR latent (official validation: 400; "
+                                      "official test: 800)")
+    color_fix: str = doc("none", "colour fix, as `xpsr infer color_fix=` (official validation: none)")
     use_ema: bool = doc(True, "sample with the EMA weights when EMA is on")
 
 
@@ -261,7 +275,8 @@ class TrainConfig:
     max_steps: int = doc(1000, "optimizer steps")
     stop_at_step: int | None = doc(None, "end this session at this step with a checkpoint (time-limited jobs); "
                                          "the LR schedule still targets max_steps; resume=latest continues")
-    seed: int = doc(0, "seed of data order, noise, timesteps and fresh weights")
+    seed: int = doc(0, "seed of noise, timesteps, fresh weights, demo data and the global RNGs (the data "
+                       "order and crops have their own `data.seed`)")
     resume: str | None = doc(None, "'latest', a checkpoint folder, or null")
     batch_size: int = doc(2, "images per process per micro-step")
     gradient_accumulation_steps: int = doc(1, "micro-steps per optimizer step")
@@ -274,7 +289,14 @@ class TrainConfig:
     adam_epsilon: float = doc(1e-8, "AdamW epsilon")
     use_8bit_adam: bool = doc(False, "bitsandbytes AdamW8bit (needs a CUDA build of bitsandbytes)")
     max_grad_norm: float = doc(1.0, "gradient clipping (0 = off)")
-    mixed_precision: str = choice("fp32", ("fp32", "fp16", "bf16"), "autocast dtype; frozen weights are cast to it")
+    mixed_precision: str = choice("fp32", ("fp32", "fp16", "bf16"), "autocast dtype of the forward; the frozen VAE and "
+                                  "text encoder are stored in it (trainable weights stay fp32)")
+    frozen_unet_dtype: str = choice("fp32", ("fp32", "mixed_precision"),
+                                    "storage of the frozen UNet weights: fp32 (official; autocast computes in "
+                                    "mixed_precision) or mixed_precision (half the memory of those weights)")
+    deterministic: bool = doc(False, "deterministic GPU kernels: torch deterministic algorithms, cuBLAS workspace "
+                                     ":4096:8, cuDNN deterministic without autotuning (slower; CPU runs are "
+                                     "deterministic without it)")
     allow_tf32: bool = doc(False, "TF32 matmuls on Ampere+ GPUs")
     compile: bool = doc(False, "torch.compile the UNet and ControlNet")
     use_ema: bool = doc(False, "keep an exponential moving average of the trainable weights")

@@ -9,7 +9,7 @@ from PIL import Image
 
 from xpsr.config import InferConfig
 from xpsr.inference.color import color_fix
-from xpsr.inference.tiling import tiled_apply, vae_decode, vae_encode
+from xpsr.inference.tiling import blend_latent_tiles, vae_decode, vae_encode, vae_scale_factor, vae_tile_options
 from xpsr.models.forward import predict_noise
 from xpsr.models.text import encode_prompts
 
@@ -22,13 +22,13 @@ def make_scheduler(name: str, base_config):
     return SCHEDULERS[name].from_config(base_config, **extra)
 
 
-def output_size(h: int, w: int, cfg: InferConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+def output_size(h: int, w: int, cfg: InferConfig, multiple: int = 8) -> tuple[tuple[int, int], tuple[int, int]]:
     """(final size, processing size), as the official test script: an output whose short side is below
     ``process_size`` is processed with that short side (long side truncated), and both sides are rounded
-    down to multiples of 8."""
+    down to multiples of ``multiple`` (the VAE's scale factor; 8 in the official script)."""
     th, tw = h * cfg.upscale, w * cfg.upscale
     ph, pw = _grown(th, tw, cfg.process_size)
-    return (th, tw), (max(ph // 8 * 8, 8), max(pw // 8 * 8, 8))
+    return (th, tw), (max(ph // multiple * multiple, multiple), max(pw // multiple * multiple, multiple))
 
 
 def _grown(h: int, w: int, short: int) -> tuple[int, int]:
@@ -52,14 +52,15 @@ def start_latents(modules, lr_cond: torch.Tensor, scheduler, timesteps: torch.Te
     lr (official XPSR/PASD): z_lr noised to the first scheduled timestep, then noised again to
     ``added_noise_level``; every scheduled step is sampled. sdedit: z_lr noised once to
     ``added_noise_level``; sampling starts at the first scheduled timestep at or below it. noise: N(0, I)."""
-    shape = (1, modules.unet.config.in_channels, lr_cond.shape[-2] // 8, lr_cond.shape[-1] // 8)
+    f = vae_scale_factor(modules.vae)
+    shape = (1, modules.unet.config.in_channels, lr_cond.shape[-2] // f, lr_cond.shape[-1] // f)
     noise = torch.randn(shape, generator=generator).to(device)
     if cfg.start_from == "noise":
         return noise * scheduler.init_noise_sigma, timesteps
     if not 0 <= cfg.added_noise_level < len(scheduler.alphas_cumprod):
         raise ValueError(f"added_noise_level={cfg.added_noise_level} is outside the scheduler's timesteps "
                          f"[0, {len(scheduler.alphas_cumprod) - 1}]")
-    lr_latents = vae_encode(modules.vae, lr_cond * 2 - 1, cfg.vae_tile)
+    lr_latents = vae_encode(modules.vae, lr_cond * 2 - 1, cfg.vae_tile, **vae_tile_options(cfg))
     if cfg.start_from == "lr":
         latents = noise_to(lr_latents, noise, timesteps[0], scheduler)
         second = torch.randn(shape, generator=generator).to(device)
@@ -74,35 +75,36 @@ def start_latents(modules, lr_cond: torch.Tensor, scheduler, timesteps: torch.Te
 
 def guided_noise(modules, latents, t, lr_cond, content, quality, cfg: InferConfig) -> torch.Tensor:
     """CFG noise prediction; both prompt embeddings are batched [negative; positive] for ControlNet and UNet.
-    Latents larger than ``latent_tile`` are predicted tile by tile with Gaussian blending."""
+    Large latents are predicted tile by tile (``latent_tiling``) and blended before the guidance, as the
+    official pipeline does."""
     dtype = next(modules.unet.parameters()).dtype
     guided = cfg.guidance_scale > 1.0
+    f = vae_scale_factor(modules.vae)
 
     def window(y: int, x: int, h: int, w: int) -> torch.Tensor:
         z = latents[:, :, y:y + h, x:x + w]
-        cond = lr_cond[:, :, y * 8:(y + h) * 8, x * 8:(x + w) * 8]
+        cond = lr_cond[:, :, y * f:(y + h) * f, x * f:(x + w) * f]
         if guided:
             z, cond = torch.cat([z, z]), torch.cat([cond, cond])
         eps, _ = predict_noise(modules.unet, modules.controlnet, z.to(dtype), t.expand(z.shape[0]), content,
                                quality, cond.to(dtype), conditioning_scale=cfg.conditioning_scale)
-        eps = eps.float()
-        if guided:
-            uncond, text = eps.chunk(2)
-            eps = uncond + cfg.guidance_scale * (text - uncond)
-        return eps
+        return eps.float()
 
     h, w = latents.shape[-2:]
-    if not cfg.latent_tile or max(h, w) <= cfg.latent_tile:
-        return window(0, 0, h, w)
-    return tiled_apply(window, h, w, cfg.latent_tile, cfg.latent_overlap)
+    eps = blend_latent_tiles(window, h, w, cfg.latent_tile, cfg.latent_overlap, cfg.latent_tiling)
+    if guided:
+        uncond, text = eps.chunk(2)
+        eps = uncond + cfg.guidance_scale * (text - uncond)
+    return eps
 
 
-def condition_image(lr: np.ndarray, cfg: InferConfig, device) -> torch.Tensor:
+def condition_image(lr: np.ndarray, cfg: InferConfig, device, multiple: int = 8) -> torch.Tensor:
     """The ControlNet condition: the LR enlarged to the processing size, (1, 3, ph, pw) in [0, 1].
 
     ``resize=pil`` repeats the official test script on 8-bit images: PIL bicubic x upscale, then (short side
-    below ``process_size``) PIL bilinear with antialiasing up to it, then PIL bicubic to multiples of 8."""
-    (th, tw), (ph, pw) = output_size(lr.shape[0], lr.shape[1], cfg)
+    below ``process_size``) PIL bilinear with antialiasing up to it, then PIL bicubic to multiples of
+    ``multiple`` (the VAE's scale factor; 8 in the official script)."""
+    (th, tw), (ph, pw) = output_size(lr.shape[0], lr.shape[1], cfg, multiple)
     if cfg.resize == "torch":
         t = torch.from_numpy(np.ascontiguousarray(lr)).permute(2, 0, 1)[None].float().div(255).to(device)
         return F.interpolate(t, size=(ph, pw), mode="bicubic", align_corners=False).clamp(0, 1)
@@ -133,7 +135,7 @@ def super_resolve(modules, lr: np.ndarray, content_prompt: str, quality_prompt: 
     """RGB uint8 LR (h, w, 3) -> RGB uint8 SR (h*upscale, w*upscale, 3)."""
     generator = torch.Generator().manual_seed(cfg.seed)
     (th, tw), _ = output_size(lr.shape[0], lr.shape[1], cfg)
-    lr_cond = condition_image(lr, cfg, device)
+    lr_cond = condition_image(lr, cfg, device, vae_scale_factor(modules.vae))
     dtype = next(modules.unet.parameters()).dtype
 
     # prompts: [negative; positive] for both branches; the added prompt follows a space (official script)
@@ -154,6 +156,6 @@ def super_resolve(modules, lr: np.ndarray, content_prompt: str, quality_prompt: 
         step_kwargs = {"generator": generator} if cfg.scheduler == "ddpm" else {}
         latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
 
-    image = (vae_decode(modules.vae, latents, cfg.vae_tile // 8 if cfg.vae_tile else None) + 1) / 2
+    image = (vae_decode(modules.vae, latents, cfg.vae_decoder_tile, **vae_tile_options(cfg)) + 1) / 2
     image = color_fix(image.clamp(0, 1), lr_cond.float(), cfg.color_fix)
     return final_resize(image, (th, tw), cfg)

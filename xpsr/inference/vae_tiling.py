@@ -6,13 +6,15 @@ would read zeros instead of the neighbouring pixels. Here the encoder/decoder ru
 (conv_in, each ResNet block, down/upsampler, the mid-block attention, the output head) over tiles whose
 core regions partition the image and which are padded by the network's receptive field:
 
-- every GroupNorm uses the statistics of the whole image: a sweep over all tiles first sums, per group,
-  the values and squares of each tile's core region (the padding is cropped out so nothing counts twice),
-  and only then do the tiles go past that norm;
+- every GroupNorm uses the statistics of the whole image: a sweep over all tiles first takes, per group,
+  the mean and variance of each tile's core region (the padding is cropped out so nothing counts twice)
+  and pools them exactly; only then do the tiles go past that norm;
 - the attention (``attention="global"``) attends from each tile's queries to the keys/values of the whole
   image, gathered the same way, so it is exact too; ``"tile"`` attends within the padded tile only, as the
   official XPSR/DiffBIR tiled VAE does (approximate, needs no whole-image keys);
-- padding >= the receptive field keeps the core of every tile equal to the untiled result.
+- padding >= the receptive field keeps the core of every tile equal to the untiled result; after each unit
+  a tile is narrowed to the receptive field of the units still ahead, so the high-resolution end of the
+  decoder runs with a margin of a few pixels only.
 
 Between sweeps a tile's state is the input of the unit it waits at. States are kept while they fit in
 ``cache_mb``; a tile without a kept state is recomputed from the input (all statistics before it are
@@ -47,14 +49,24 @@ class _Unit:
 
 @dataclass
 class _Tile:
-    window: tuple[int, int, int, int]  # padded region (y0, y1, x0, x1) in input units
-    core: tuple[int, int, int, int]  # the part of the output this tile owns, in input units
+    core: tuple[int, int, int, int]  # (y0, y1, x0, x1) of the output it owns, in input units
     state: torch.Tensor | None = None  # kept input of unit ``at`` (None: recompute from the input)
     at: int = 0
 
 
 def _conv_reach(module: nn.Module) -> int:
     return sum((c.kernel_size[0] // 2) * c.dilation[0] for c in module.modules() if isinstance(c, nn.Conv2d))
+
+
+def _index(v, per_unit: Fraction) -> int:
+    """Position ``v`` (input units) as an index of a tensor with ``per_unit`` positions per input unit."""
+    p = v * per_unit
+    assert p.denominator == 1, "tile windows must lie on the grid of every resolution they pass"
+    return int(p)
+
+
+def _span(start, stop, per_unit: Fraction) -> slice:
+    return slice(_index(start, per_unit), _index(stop, per_unit))
 
 
 def _check(ok: bool, what: str) -> None:
@@ -64,49 +76,67 @@ def _check(ok: bool, what: str) -> None:
 
 
 class _Runner:
-    """Runs a list of units over tiles with whole-image GroupNorm statistics (see the module docstring)."""
+    """Runs a list of units over tiles with whole-image GroupNorm statistics (see the module docstring).
 
-    def __init__(self, units: list[_Unit], norms: list[nn.GroupNorm], attention: str, cache_mb: float):
-        self.units, self.norms, self.attention = units, norms, attention
-        self.cache_bytes, self.cached = cache_mb * 2**20, 0
+    A tile's tensor at the input of unit u covers its core plus a margin of the receptive field still ahead
+    (``margins[u]``), so the padding shrinks as the network goes on and little is computed twice."""
+
+    def __init__(self, attention: str, cache_mb: float):
+        self.attention, self.cache_bytes, self.cached = attention, cache_mb * 2**20, 0
+        self.units: list[_Unit] = []
+        self.norms: list[nn.GroupNorm] = []
+        self.margins: list[Fraction] = []
         self.stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}  # norm -> (mean, rstd), (B, G)
-        self.sums: dict[nn.Module, list[torch.Tensor]] = {}  # norm -> [sum, sum of squares, count]
+        self.sums: dict[nn.Module, list[tuple]] = {}  # norm -> per tile (count, mean, sum of squared deviations)
         self.keys_values: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}  # attention -> whole-image k, v
         self.grids: dict[nn.Module, list[torch.Tensor]] = {}  # attention -> k, v grids being filled
         self.tile: _Tile | None = None
-        self.size, self.window_area = (0, 0), 0
+        self.window: tuple[Fraction, ...] = ()  # what the tensor being processed covers, in input units
+        self.size = (0, 0)
+        self.areas: list[Fraction] = []  # all tiles' window area at each unit's input
+
+    def plan(self, units: list[_Unit], pad: int) -> None:
+        """Margins per unit: the receptive field ahead, on the grid of the coarsest resolution still ahead
+        (so that downsamplers stay aligned with the untiled run), at most ``pad``."""
+        steps = [Fraction(1)]
+        for unit in units:
+            steps.append(steps[-1] * unit.stride)
+        self.units, self.margins = units, []
+        for u in range(len(units) + 1):
+            ahead = sum((units[j].reach * steps[j] for j in range(u, len(units))), Fraction(0))
+            align = max(steps[u:])
+            self.margins.append(min(Fraction(pad), math.ceil(ahead / align) * align))
+
+    def window_at(self, tile: _Tile, u: int) -> tuple[Fraction, ...]:
+        m, (cy0, cy1, cx0, cx1), (h, w) = self.margins[u], tile.core, self.size
+        return (max(cy0 - m, 0), min(cy1 + m, h), max(cx0 - m, 0), min(cx1 + m, w))
 
     # --- where the current tile's core lies, at the resolution of a tensor inside the network ---------------
     def _crop(self, x: torch.Tensor) -> tuple[tuple[slice, slice], tuple[slice, slice], tuple[int, int]]:
         """(core slices within the tile tensor, core slices within the whole image, whole-image size)."""
-        (wy0, wy1, wx0, wx1), (cy0, cy1, cx0, cx1) = self.tile.window, self.tile.core
-        ry, rx = Fraction(x.shape[-2], wy1 - wy0), Fraction(x.shape[-1], wx1 - wx0)
-
-        def at(v: int, r: Fraction) -> int:
-            p = v * r
-            assert p.denominator == 1, "tiles must be aligned to the VAE's scale factor"
-            return int(p)
-
-        local = (slice(at(cy0 - wy0, ry), at(cy1 - wy0, ry)), slice(at(cx0 - wx0, rx), at(cx1 - wx0, rx)))
-        whole = (slice(at(cy0, ry), at(cy1, ry)), slice(at(cx0, rx), at(cx1, rx)))
-        return local, whole, (at(self.size[0], ry), at(self.size[1], rx))
+        (wy0, wy1, wx0, wx1), (cy0, cy1, cx0, cx1) = self.window, self.tile.core
+        ry, rx = x.shape[-2] / Fraction(wy1 - wy0), x.shape[-1] / Fraction(wx1 - wx0)
+        local = (_span(cy0 - wy0, cy1 - wy0, ry), _span(cx0 - wx0, cx1 - wx0, rx))
+        whole = (_span(cy0, cy1, ry), _span(cx0, cx1, rx))
+        return local, whole, (_index(self.size[0], ry), _index(self.size[1], rx))
 
     def group_norm(self, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
         b, g = x.shape[0], norm.num_groups
         if norm not in self.stats:
             (ys, xs), _, _ = self._crop(x)
-            core = x[:, :, ys, xs].reshape(b, g, -1).double()
-            sums = self.sums.setdefault(norm, [0.0, 0.0, 0])
-            sums[0] = sums[0] + core.sum(-1)
-            sums[1] = sums[1] + core.square().sum(-1)
-            sums[2] += core.shape[-1]
+            core = x[:, :, ys, xs].reshape(b, g, -1).float()
+            var, mean = torch.var_mean(core, dim=-1, correction=0)
+            n = core.shape[-1]
+            self.sums.setdefault(norm, []).append((n, mean.double(), var.double() * n))
             raise _Pending
-        mean, rstd = self.stats[norm]
-        y = (x.reshape(b, g, -1).float() - mean[..., None]) * rstd[..., None]
-        y = y.reshape(x.shape).to(x.dtype)
+        mean, rstd = self.stats[norm]  # (B, G), float64
+        per_channel = x.shape[1] // g
+        scale = rstd.repeat_interleave(per_channel, dim=1)
+        shift = -mean.repeat_interleave(per_channel, dim=1) * scale
         if norm.affine:
-            y = y * norm.weight[:, None, None] + norm.bias[:, None, None]
-        return y
+            scale, shift = scale * norm.weight.double(), shift * norm.weight.double() + norm.bias.double()
+        # one fused pass: x * (rstd * weight) + (bias - mean * rstd * weight)
+        return torch.addcmul(shift.to(x.dtype)[:, :, None, None], x, scale.to(x.dtype)[:, :, None, None])
 
     def attend(self, attn: Attention, x: torch.Tensor) -> torch.Tensor:
         """The VAE mid-block attention (diffusers' AttnProcessor2_0 computation) with whole-image keys/values."""
@@ -142,20 +172,36 @@ class _Runner:
 
     def _close_sweep(self) -> None:
         """Turn what the sweep gathered into whole-image statistics (or keys/values)."""
-        for norm, (s1, s2, n) in self.sums.items():
-            mean = s1 / n
-            var = (s2 / n - mean.square()).clamp_min(0)
-            self.stats[norm] = (mean.float(), (var + norm.eps).rsqrt().float())
+        for norm, parts in self.sums.items():
+            # per-tile means and sums of squared deviations, pooled exactly (Chan et al.'s parallel variance)
+            count = sum(n for n, _, _ in parts)
+            mean = sum(n * m for n, m, _ in parts) / count
+            m2 = sum(m2 + n * (m - mean).square() for n, m, m2 in parts)
+            self.stats[norm] = (mean, (m2 / count + norm.eps).rsqrt())
         for attn, (k, v) in self.grids.items():
-            self.keys_values[attn] = (k.flatten(2).transpose(1, 2), v.flatten(2).transpose(1, 2))
+            # contiguous (B, N, C) as to_k/to_v give them: a strided key makes SDPA fall back to the kernel that
+            # materialises the (queries x keys) matrix
+            self.keys_values[attn] = tuple(t.flatten(2).transpose(1, 2).contiguous() for t in (k, v))
         self.sums, self.grids = {}, {}
 
     # --- the sweeps ------------------------------------------------------------------------------------------
+    def _step(self, tile: _Tile, u: int, x: torch.Tensor) -> torch.Tensor:
+        """Unit ``u`` on the tile's tensor, narrowed to the margin the units after it still need."""
+        self.tile, self.window = tile, self.window_at(tile, u)
+        y = self.units[u].run(x)
+        new = self.window_at(tile, u + 1)
+        if new == self.window:
+            return y
+        (wy0, wy1, wx0, wx1), (ny0, ny1, nx0, nx1) = self.window, new
+        ry, rx = y.shape[-2] / Fraction(wy1 - wy0), y.shape[-1] / Fraction(wx1 - wx0)
+        ys, xs = _span(ny0 - wy0, ny1 - wy0, ry), _span(nx0 - wx0, nx1 - wx0, rx)
+        return y[:, :, ys, xs].contiguous()  # a copy: a kept view would keep the whole tensor alive
+
     def _keep(self, tile: _Tile, at: int, state: torch.Tensor) -> None:
         """Keep ``state`` as the tile's restart point (instead of an older one) if the states of *every* tile at
         this unit would fit in the cache: all tiles then restart from the same, latest affordable unit."""
-        y0, y1, x0, x1 = tile.window
-        all_tiles = state.nbytes * self.window_area / ((y1 - y0) * (x1 - x0))
+        y0, y1, x0, x1 = self.window_at(tile, at)
+        all_tiles = state.nbytes * self.areas[at] / ((y1 - y0) * (x1 - x0))
         old = tile.state.nbytes if tile.state is not None else 0
         if all_tiles <= self.cache_bytes and self.cached - old + state.nbytes <= self.cache_bytes:
             self.cached += state.nbytes - old
@@ -164,41 +210,44 @@ class _Runner:
     def _input_of(self, tile: _Tile, unit: int, source: torch.Tensor) -> torch.Tensor:
         """The input of ``unit`` for ``tile``, recomputed from its kept state or from the input."""
         if tile.state is None:
-            y0, y1, x0, x1 = tile.window
+            y0, y1, x0, x1 = (int(v) for v in self.window_at(tile, 0))
             x, start = source[:, :, y0:y1, x0:x1], 0
         else:
             x, start = tile.state, tile.at
         for i in range(start, unit):
-            x = self.units[i].run(x)
+            x = self._step(tile, i, x)
             self._keep(tile, i + 1, x)
         return x
 
     def run(self, source: torch.Tensor, tiles: list[_Tile]) -> torch.Tensor:
         self.size = tuple(source.shape[-2:])
-        self.window_area = sum((t.window[1] - t.window[0]) * (t.window[3] - t.window[2]) for t in tiles)
+        self.areas = []
+        for u in range(len(self.units) + 1):
+            windows = [self.window_at(t, u) for t in tiles]
+            self.areas.append(sum((y1 - y0) * (x1 - x0) for y0, y1, x0, x1 in windows))
         out = None
         try:
             for norm in self.norms:  # the units call their own GroupNorms: route them here
                 norm.forward = lambda x, norm=norm: self.group_norm(norm, x)
-            for u, unit in enumerate(self.units):
+            for u in range(len(self.units)):
                 pending = True
                 while pending:
                     pending = False
                     for tile in tiles:
-                        self.tile = tile
                         x = self._input_of(tile, u, source)
                         try:
-                            y = unit.run(x)
+                            y = self._step(tile, u, x)
                         except _Pending:
                             pending = True
                             continue
                         if u + 1 < len(self.units):
                             self._keep(tile, u + 1, y)
                             continue
-                        (ys, xs), (gy, gx), (gh, gw) = self._crop(y)
+                        self.window = self.window_at(tile, u + 1)  # the core
+                        _, (gy, gx), (gh, gw) = self._crop(y)
                         if out is None:
                             out = y.new_zeros(y.shape[0], y.shape[1], gh, gw)
-                        out[:, :, gy, gx] = y[:, :, ys, xs]
+                        out[:, :, gy, gx] = y
                     if pending:
                         self._close_sweep()
         finally:
@@ -279,19 +328,15 @@ def receptive_radius(units: list[_Unit]) -> Fraction:
     return radius
 
 
-def make_tiles(height: int, width: int, core: int, pad: int, align: int) -> list[_Tile]:
-    """Tiles whose cores (``core`` rounded to ``align``, evened out) partition the grid, padded by ``pad``."""
-    tiles = []
+def make_tiles(height: int, width: int, core: int, align: int) -> list[_Tile]:
+    """Tiles whose cores partition the grid: as few per side as cores of ``core`` allow, evened out and
+    rounded to ``align``."""
     cores = []
     for length in (height, width):
         n = math.ceil(length / core)
-        size = math.ceil(length / n / align) * align  # the same number of tiles, evened out
+        size = math.ceil(length / n / align) * align
         cores.append([(s, min(s + size, length)) for s in range(0, length, size)])
-    for cy0, cy1 in cores[0]:
-        for cx0, cx1 in cores[1]:
-            window = (max(cy0 - pad, 0), min(cy1 + pad, height), max(cx0 - pad, 0), min(cx1 + pad, width))
-            tiles.append(_Tile(window, (cy0, cy1, cx0, cx1)))
-    return tiles
+    return [_Tile((cy0, cy1, cx0, cx1)) for cy0, cy1 in cores[0] for cx0, cx1 in cores[1]]
 
 
 def _padding(units: list[_Unit], align: int) -> int:
@@ -314,7 +359,7 @@ def run_tiled(vae, x: torch.Tensor, tile: int, decoder: bool, pad: int | None, a
     if attention not in ("global", "tile"):
         raise ValueError(f"vae_tile_attention must be 'global' or 'tile', got {attention!r}")
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    runner = _Runner([], [], attention, cache_mb)
+    runner = _Runner(attention, cache_mb)
     units = (decoder_units if decoder else encoder_units)(vae, runner.attend)
     align = 1 if decoder else factor  # encoder tiles start on the latent grid
     pad = _padding(units, align) if pad is None else pad
@@ -325,7 +370,6 @@ def run_tiled(vae, x: torch.Tensor, tile: int, decoder: bool, pad: int | None, a
         return None
     if height % align or width % align:
         raise ValueError(f"tiled VAE encode needs sides that are multiples of {factor}, got {height}x{width}")
-    part = vae.decoder if decoder else vae.encoder
-    runner.units = units
-    runner.norms = [m for m in part.modules() if isinstance(m, nn.GroupNorm)]
-    return runner.run(x, make_tiles(height, width, max(tile // align * align, align), pad, align))
+    runner.plan(units, pad)
+    runner.norms = [m for m in (vae.decoder if decoder else vae.encoder).modules() if isinstance(m, nn.GroupNorm)]
+    return runner.run(x, make_tiles(height, width, max(tile // align * align, align), align))

@@ -57,16 +57,17 @@ def test_tiled_encode_equals_untiled_and_needs_the_padding():
 
 
 @torch.no_grad()
-def test_tiled_decode_equals_untiled_with_or_without_a_state_cache():
+def test_tiled_decode_equals_untiled_with_a_full_or_a_small_state_cache():
     vae = _vae()
     z = torch.randn(1, 4, 12, 48, generator=torch.Generator().manual_seed(1))  # tile 12 + 2 x 14 < 48
     untiled = vae_decode(vae, z, None)
     calls = _Calls(vae.decoder)
     cached = vae_decode(vae, z, 12, cache_mb=64)
-    streamed = vae_decode(vae, z, 12, cache_mb=0)  # every sweep recomputes each tile from the latents
     assert calls.n == 0 and cached.shape == untiled.shape == (1, 3, 96, 384)
     assert _psnr(cached, untiled) > 100, _psnr(cached, untiled)
-    assert torch.equal(cached, streamed)
+    # a cache too small for the later, larger states: tiles restart from the last unit whose states fitted
+    z = z[:, :, :4]
+    assert torch.equal(vae_decode(vae, z, 12, cache_mb=0.2), vae_decode(vae, z, 12, cache_mb=64))
 
 
 @torch.no_grad()
@@ -172,9 +173,9 @@ def test_scale_factor_comes_from_the_vae_config():
     vae4 = _vae(block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
                 up_block_types=("UpDecoderBlock2D",) * 3)
     assert vae_scale_factor(vae4) == 4 and vae_scale_factor(_vae()) == 8
-    image = _smooth_image(40, 232)  # tile 40 + 2 x 44 px padding (the 4x encoder's field) < 232
+    image = _smooth_image(40, 136)  # tile 40 + 2 x 44 px padding (the 4x encoder's field) < 136
     tiled, untiled = vae_encode(vae4, image, 40, cache_mb=64), vae_encode(vae4, image, None)
-    assert tiled.shape == untiled.shape == (1, 4, 10, 58) and _psnr(tiled, untiled) > 100
+    assert tiled.shape == untiled.shape == (1, 4, 10, 34) and _psnr(tiled, untiled) > 100
     # the whole pipeline with a 4x VAE (and a ControlNet condition embedding that downsamples 4x)
     modules = build_xpsr(tiny_config(conditioning_channels=[8, 16, 32]))
     modules = dataclasses.replace(modules, vae=vae4)

@@ -334,7 +334,7 @@ class InferConfig:
                                      "tiled VAE mid-block attention. global: every tile attends to the keys/values "
                                      "of the whole image (exact; keeps them in memory); tile: attends within its "
                                      "padded tile, as the official tiled VAE (approximate)")
-    vae_tile_cache_mb: int = doc(1024, "tiled VAE: MB of tile states kept between the whole-image GroupNorm "
+    vae_tile_cache_mb: int = doc(2048, "tiled VAE: MB of tile states kept between the whole-image GroupNorm "
                                        "sweeps; beyond it tiles are recomputed (slower, memory stays bounded)")
     prompts: str = choice("cache", ("cache", "fixed"), "cache: prompts of each input from the prompt cache; "
                           "fixed: `prompt`/`quality_prompt` for every image")

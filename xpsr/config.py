@@ -84,7 +84,8 @@ class BenchConfig:
     workers: int = doc(2, "worker processes of prepare and of the DataLoader (what=data, include_data=true)")
     include_data: bool = doc(False, "what=train: batches from the DataLoader + text encoder (tiny preset only)")
     lr_size: int = doc(128, "what=infer: LR input size (output = 4x)")
-    tiled: bool = doc(True, "what=infer: tiled latent diffusion and VAE (64-latent tiles, 512 px VAE tiles)")
+    tiled: bool = doc(True, "what=infer: tiled latent diffusion (64-latent tiles) and VAE (512 px encoder / "
+                            "64-latent decoder tiles)")
     inference_steps: int = doc(20, "what=infer: denoising steps")
 
 

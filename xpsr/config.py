@@ -88,7 +88,8 @@ class BenchConfig:
     workers: int = doc(2, "worker processes of prepare and of the DataLoader (what=data, include_data=true)")
     include_data: bool = doc(False, "what=train: batches from the DataLoader + text encoder (tiny preset only)")
     lr_size: int = doc(128, "what=infer: LR input size (output = 4x)")
-    tiled: bool = doc(True, "what=infer: tiled latent diffusion and VAE (64-latent tiles, 512 px VAE tiles)")
+    tiled: bool = doc(True, "what=infer: tiled latent diffusion (64-latent tiles) and VAE (512 px encoder / "
+                            "64-latent decoder tiles)")
     inference_steps: int = doc(20, "what=infer: denoising steps")
 
 
@@ -353,11 +354,26 @@ class InferConfig:
     seed: int = doc(0, "seed of the initial noise and the sampler")
     dtype: str = choice("fp32", ("fp32", "fp16", "bf16"), "weights and compute dtype")
     device: str = doc("auto", "'auto' (the accelerate process's device), 'cpu', 'cuda'")
-    latent_tile: int = doc(64, "latent tile size (x8 px); larger latents are denoised tile by tile; "
-                               "0 = never tile")
+    latent_tile: int = doc(64, "latent tile size (x8 px); larger latents are denoised tile by tile (see "
+                               "latent_tiling); 0 = never tile")
     latent_overlap: int = doc(16, "overlap of latent tiles")
-    vae_tile: int = doc(512, "VAE tile size in px (encode) / px/8 (decode); larger images go through tiles; "
-                             "0 = never tile")
+    latent_tiling: str = choice("ours", ("ours", "official"),
+                                "ours: tile when a side exceeds latent_tile, Gaussian weights sigma = tile/4; "
+                                "official: the official pipeline's rule (tile only when h*w > latent_tile^2, "
+                                "square tiles, its weights; official values latent_tile=320 latent_overlap=8)")
+    vae_tile: int = doc(1024, "VAE encoder tile in px (official encoder_tiled_size 1024), padded by the encoder's "
+                              "receptive field (120 px for SD's VAE); images up to tile + 2 x padding (1264 px "
+                              "for SD's VAE; the official tiles above 1088) are encoded whole; 0 = never tile")
+    vae_decoder_tile: int = doc(224, "VAE decoder tile in latents (official decoder_tiled_size 224), padded by "
+                                     "the decoder's receptive field (18 latents for SD's VAE); latents up to "
+                                     "tile + 2 x padding (260 for SD's VAE; the official tiles above 246) are "
+                                     "decoded whole; 0 = never tile")
+    vae_tile_attention: str = choice("global", ("global", "tile"),
+                                     "tiled VAE mid-block attention. global: every tile attends to the keys/values "
+                                     "of the whole image (exact; keeps them in memory); tile: attends within its "
+                                     "padded tile, as the official tiled VAE (approximate)")
+    vae_tile_cache_mb: int = doc(2048, "tiled VAE: MB of tile states kept between the whole-image GroupNorm "
+                                       "sweeps; beyond it tiles are recomputed (slower, memory stays bounded)")
     prompts: str = choice("cache", ("cache", "fixed"), "cache: prompts of each input from the prompt cache; "
                           "fixed: `prompt`/`quality_prompt` for every image")
     cache: str | None = doc(None, "prompt cache file (prompts=cache)")

@@ -8,7 +8,6 @@ from conftest import REPO, tiny_config
 from xpsr.config import InferConfig, load_config
 from xpsr.inference.color import adain_color_fix, fix_colors, round_to_8bit, truncate_to_8bit, wavelet_color_fix
 from xpsr.inference.pipeline import make_scheduler, start_latents, super_resolve
-from xpsr.inference.tiling import vae_encode
 from xpsr.models.build import build_xpsr
 
 

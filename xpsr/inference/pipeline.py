@@ -9,8 +9,13 @@ from PIL import Image
 
 from xpsr.config import InferConfig
 from xpsr.inference.color import fix_colors
-from xpsr.inference.tiling import blend_latent_tiles, vae_decode, vae_encode, vae_posterior, vae_scale_factor, \
-    vae_tile_options
+from xpsr.inference.tiling import (
+    blend_latent_tiles,
+    vae_decode,
+    vae_posterior,
+    vae_scale_factor,
+    vae_tile_options,
+)
 from xpsr.models.forward import predict_noise
 from xpsr.models.text import encode_prompts
 

@@ -32,6 +32,7 @@ from xpsr.config import PrepareConfig, to_dict
 from xpsr.data.degradations import degrade, sample_degradation, sample_shared_draws, usm_sharpen
 from xpsr.data.images import ImageError, file_hash, list_images, load_rgb, save_png_atomic
 from xpsr.data.manifest import (
+    DiskFullError,
     ManifestWriter,
     NothingUsableError,
     check_resume_recipe,
@@ -122,42 +123,49 @@ def _params(job: Job, cfg: PrepareConfig, crop: int, variant: int) -> dict:
     return sample_degradation(cfg.degradation, rng, shared)
 
 
-def process_job(job: Job, cfg: PrepareConfig) -> dict:
-    """Make every pending pair of one source image; returns records and report entries."""
+def _make_pair(job: Job, cfg: PrepareConfig, img: np.ndarray, crop: int, variant: int, notes: list[str]) -> dict:
+    """Write one pair's HR and LR images; returns its manifest record."""
     out, d = Path(cfg.output_dir), cfg.degradation
+    h, w = img.shape[:2]
+    centre = cfg.test_set and cfg.test_crop == "centre"
+    y, x = _crop_box(np.random.default_rng([cfg.seed, int(job.source_hash, 16) % 2**63, crop]), h, w,
+                     cfg.crop_size, centre)
+    gt = img[y:y + cfg.crop_size, x:x + cfg.crop_size].astype(np.float32) / 255.0
+    hr = usm_sharpen(gt, d.usm_weight, d.usm_radius, d.usm_threshold) if d.usm_gt else gt
+    degraded_input = hr if d.degrade_sharpened else gt
+    params = _params(job, cfg, crop, variant)
+    lr_in = torch.from_numpy(np.ascontiguousarray(degraded_input)).permute(2, 0, 1)[None].to(torch.device(cfg.device))
+    lr = degrade(lr_in, params, cfg.scale)[0].permute(1, 2, 0).cpu().numpy()
+    pid = pair_id(job.source, job.source_hash, crop, variant, cfg.test_set)
+    for folder, image in (("hr", np.clip(hr, 0, 1)), ("lr", lr)):
+        with reporting_disk_full(out / folder / f"{pid}.png"):
+            save_png_atomic((image * 255).round().astype(np.uint8), out / folder / f"{pid}.png")
+    record = {
+        "id": pid, "hr": f"hr/{pid}.png", "lr": f"lr/{pid}.png", "source": str(job.source),
+        "hr_hash": file_hash(out / "hr" / f"{pid}.png"), "lr_hash": file_hash(out / "lr" / f"{pid}.png"),
+        "source_hash": job.source_hash, "crop_box": [x, y, cfg.crop_size, cfg.crop_size], "scale": cfg.scale,
+        "seed": cfg.seed, "crop_index": crop, "variant": variant, "usm": d.usm_gt,
+        "recipe": recipe_name(d.usm_gt, d.degrade_sharpened), "share_draws_every": cfg.share_draws_every,
+        "settings_hash": settings_hash(cfg), "degradation": params, "notes": notes,
+    }
+    if job.group is not None:
+        record["draw_group"] = job.group
+    return record
+
+
+def process_job(job: Job, cfg: PrepareConfig) -> dict:
+    """Make every pending pair of one source image; returns records, report entries and a disk-full error."""
     result: dict = {"records": [], "report": []}
     loaded = _load(job, cfg, result)
     if loaded is None:
         return result
     img, notes = loaded
-    h, w = img.shape[:2]
-    device = torch.device(cfg.device)
-    recipe = recipe_name(d.usm_gt, d.degrade_sharpened)
     for crop, variant in job.pairs:
-        centre = cfg.test_set and cfg.test_crop == "centre"
-        y, x = _crop_box(np.random.default_rng([cfg.seed, int(job.source_hash, 16) % 2**63, crop]), h, w,
-                         cfg.crop_size, centre)
-        gt = img[y:y + cfg.crop_size, x:x + cfg.crop_size].astype(np.float32) / 255.0
-        hr = usm_sharpen(gt, d.usm_weight, d.usm_radius, d.usm_threshold) if d.usm_gt else gt
-        degraded_input = hr if d.degrade_sharpened else gt
-        params = _params(job, cfg, crop, variant)
-        lr_in = torch.from_numpy(np.ascontiguousarray(degraded_input)).permute(2, 0, 1)[None].to(device)
-        lr = degrade(lr_in, params, cfg.scale)[0].permute(1, 2, 0).cpu().numpy()
-        pid = pair_id(job.source, job.source_hash, crop, variant, cfg.test_set)
-        for folder, image in (("hr", np.clip(hr, 0, 1)), ("lr", lr)):
-            with reporting_disk_full(out / folder / f"{pid}.png"):
-                save_png_atomic((image * 255).round().astype(np.uint8), out / folder / f"{pid}.png")
-        record = {
-            "id": pid, "hr": f"hr/{pid}.png", "lr": f"lr/{pid}.png", "source": str(job.source),
-            "hr_hash": file_hash(out / "hr" / f"{pid}.png"), "lr_hash": file_hash(out / "lr" / f"{pid}.png"),
-            "source_hash": job.source_hash, "crop_box": [x, y, cfg.crop_size, cfg.crop_size], "scale": cfg.scale,
-            "seed": cfg.seed, "crop_index": crop, "variant": variant, "usm": d.usm_gt, "recipe": recipe,
-            "share_draws_every": cfg.share_draws_every, "settings_hash": settings_hash(cfg), "degradation": params,
-            "notes": notes,
-        }
-        if job.group is not None:
-            record["draw_group"] = job.group
-        result["records"].append(record)
+        try:
+            result["records"].append(_make_pair(job, cfg, img, crop, variant, notes))
+        except DiskFullError as e:  # raised by the parent once the pairs made before it have their lines
+            result["error"] = e
+            break
     return result
 
 
@@ -175,17 +183,24 @@ def _worker(args: tuple[Job, PrepareConfig]) -> dict:
 
 
 def _sources(cfg: PrepareConfig, entries: list[dict]) -> tuple[list[Path], list[str]]:
-    """Input images (never our temp files) and their content hashes; unreadable ones are reported and left out."""
-    sources, hashes = [], []
+    """Input images and their content hashes, each pair source once. Left out: our temp files, unreadable
+    files and repeats (same name and content: listed twice, or a copy), the last two reported."""
+    sources, hashes, first_of = [], [], {}
     for src in list_images(cfg.inputs):
         if is_temp_file(src):
             continue
         try:
-            hashes.append(file_hash(src))
+            h = file_hash(src)
         except OSError as e:
             entries.append({"source": str(src), "decision": "skipped", "reason": f"cannot read ({e.strerror})"})
             continue
+        key = pair_id(src, h, 0, 0, cfg.test_set)
+        if key in first_of:  # it would make the very pairs (same ids) of the first one
+            entries.append({"source": str(src), "decision": "skipped", "reason": f"duplicate of {first_of[key]}"})
+            continue
+        first_of[key] = src
         sources.append(src)
+        hashes.append(h)
     return sources, hashes
 
 
@@ -193,14 +208,8 @@ def _jobs(cfg: PrepareConfig, done: set[str], entries: list[dict]) -> list[Job]:
     crops = 1 if cfg.test_set else cfg.crops_per_image
     variants = 1 if cfg.test_set else cfg.variants
     sources, hashes = _sources(cfg, entries)
-    jobs: list[Job] = []
-    first_of: dict[str, Path] = {}
+    jobs = []
     for src, h, group in zip(sources, hashes, draw_groups(hashes, cfg.share_draws_every)):
-        key = pair_id(src, h, 0, 0, cfg.test_set)
-        if key in first_of:  # same name and content (listed twice, or a copy): the same pairs, made once
-            entries.append({"source": str(src), "decision": "skipped", "reason": f"duplicate of {first_of[key]}"})
-            continue
-        first_of[key] = src
         todo = [(c, v) for c in range(crops) for v in range(variants)
                 if pair_id(src, h, c, v, cfg.test_set) not in done]
         if todo:
@@ -289,4 +298,6 @@ def _consume(results, writer: ManifestWriter, entries: list[dict], bar) -> int:
             made += 1
         entries += result["report"]
         bar.update(len(result["records"]))
+        if "error" in result:
+            raise result["error"]
     return made

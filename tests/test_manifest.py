@@ -68,6 +68,8 @@ HOSTILE = {
     "a folder": lambda r: r | {"lr": "lr"},
     "bad hash": lambda r: r | {"hr_hash": "not-a-hash"},
     "duplicate id": lambda r: r | {"id": "p0"},
+    "nested too deeply": lambda r: "[" * 100_000 + "]" * 100_000,
+    "NaN scale": lambda r: r | {"scale": float("nan")},
 }
 
 
@@ -78,7 +80,8 @@ def test_hand_edited_lines_are_refused_with_their_number(tmp_path, kind):
     os.symlink(tmp_path / "outside.png", tmp_path / "d" / "hr" / "link.png")
     os.symlink(tmp_path, tmp_path / "d" / "outdir")
     lines = manifest.read_text().splitlines(keepends=True)
-    lines[2] = json.dumps(HOSTILE[kind](json.loads(lines[2]))) + "\n"
+    bad = HOSTILE[kind](json.loads(lines[2]))
+    lines[2] = (bad if isinstance(bad, str) else json.dumps(bad)) + "\n"
     manifest.write_text("".join(lines))
     with pytest.raises(ManifestError, match=rf"{manifest}: 1 bad line\(s\) \(3\): line 3: "):
         PairedPromptDataset(tmp_path / "d", _cfg(tmp_path / "d"))

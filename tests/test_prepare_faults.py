@@ -10,6 +10,7 @@ import sys
 import time
 import zlib
 
+import numpy as np
 import pytest
 from conftest import REPO, make_sources, prepare_config
 from PIL import Image
@@ -194,3 +195,18 @@ def test_workers_die_with_a_killed_parent(tmp_path):
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(child)
+
+
+def test_paired_import_makes_a_name_found_twice_once(tmp_path):
+    rng = np.random.default_rng(0)
+    for sub in ("a", "b"):
+        for side, size in (("HR", 32), ("LR", 8)):
+            (tmp_path / side / sub).mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(tmp_path / side / sub / "x.png")
+    cfg = prepare_config([], tmp_path / "out", paired_hr=tmp_path / "HR", paired_lr=tmp_path / "LR")
+    for _ in range(2):  # and again, resuming
+        prepare_pairs(cfg)
+        records = read_manifest(tmp_path / "out" / "manifest.jsonl")
+        assert [r["source"] for r in records] == [str(tmp_path / "HR" / "a" / "x.png")]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert "taken by" in report["entries"][0]["reason"]

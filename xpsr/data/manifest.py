@@ -165,8 +165,12 @@ class _PathCheck:
 def _line_problem(line: bytes, paths: _PathCheck, seen: dict[str, int]) -> tuple[dict | None, str | None]:
     try:
         record = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        return None, f"not valid JSON ({e})"
+    except json.JSONDecodeError as e:
+        return None, f"not valid JSON ({e.msg} at character {e.pos + 1})"
+    except UnicodeDecodeError:
+        return None, "not valid JSON (not UTF-8 text)"
+    except RecursionError:
+        return None, "not valid JSON (nested too deeply)"
     problem = _schema_problem(record)
     for key in ("hr", "lr"):
         problem = problem or paths.problem(key, record[key])

@@ -231,6 +231,11 @@ class DatasetConfig:
     seed: int = doc(0, "seed of the per-sample randomness (crop, flip, dropout)")
     allow_old_recipe: bool = doc(False, "read pair folders made by an older `prepare` recipe (warning) "
                                         "instead of failing; README: Data")
+    bad_manifest_lines: str = choice("error", ("error", "skip"),
+                                     "manifest lines that cannot be used (bad JSON, missing keys, paths leaving "
+                                     "the folder): fail naming them, or skip them with a warning naming them")
+    check_hashes: bool = doc(True, "compare each image read with the manifest's hr_hash/lr_hash (a changed or "
+                                   "swapped file fails naming the pair)")
 
 
 @dataclass

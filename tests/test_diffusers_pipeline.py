@@ -194,6 +194,13 @@ def test_vae_tiling_switches_our_tiled_path_and_offload_needs_an_accelerator(pip
     assert pipe.model_cpu_offload_seq == "text_encoder->unet->vae"
     with pytest.raises(RuntimeError, match="accelerator"):  # this CPU-only machine
         pipe.enable_model_cpu_offload()
+    # the hooks themselves (here moving to the CPU, a no-op move): same bytes through them
+    pipe.enable_model_cpu_offload(device="cpu")
+    try:
+        assert len(pipe._all_hooks) == 4 and hasattr(pipe.vae, "_hf_hook")
+        assert np.array_equal(np.asarray(pipe(lr, quality_prompt=quality, **CALL).images[0]), direct(512))
+    finally:
+        pipe.remove_all_hooks()
 
 
 def test_diffusers_own_loader_with_the_custom_pipeline_file(exported, pipe, monkeypatch, tmp_path):

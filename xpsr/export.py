@@ -128,20 +128,25 @@ def _training_section(source: Source, cfg: ExportConfig) -> list[str]:
 def model_card(source: Source, cfg: ExportConfig, model_config) -> str:
     """README.md: YAML metadata, what the model is, how to load it, what it was trained on, how to redo it."""
     meta = card_metadata(cfg)
+    where = cfg.push_to_hub or cfg.output
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
              "# XPSR super-resolution model", "",
              "XPSR (Qu et al., ECCV 2024, arXiv:2403.05049): Stable Diffusion with a ControlNet carrying "
              "Semantic-Fusion Attention over a content and a quality prompt, pixel-aware attention in the UNet "
              "decoder and degradation-free-constraint heads. Written by `xpsr export` for the `xpsr` package.", "",
              f"Model settings: `{json.dumps(dataclasses.asdict(model_config), sort_keys=True)}`", ""]
+    if cfg.model.base == "tiny":
+        lines += ["Base: the `tiny` preset (random weights built in code, a few MB): a model for tests and demos, "
+                  "not for real photos.", ""]
     if meta["license"] == "other":
         lines += [f"Licence: the weights build on `{cfg.model.base}`; its licence applies (set the card's "
                   "`license` with `xpsr export license=...`).", ""]
     lines += ["## Use", "", "```python", "from xpsr import XPSRPipeline", "",
-              'pipe = XPSRPipeline.from_pretrained("THIS_FOLDER_OR_HUB_ID")',
+              f'pipe = XPSRPipeline.from_pretrained("{where}")',
               'sr = pipe("lr.png", prompt="a cat on a sofa").images[0]  # x4; quality prompt: heuristic',
               "```", "",
-              "Through diffusers' own loader (runs this folder's `pipeline.py`, which only imports `xpsr`):", "",
+              "Through diffusers' own loader, from a local copy of this folder (it runs the folder's `pipeline.py`, "
+              "which only imports the installed `xpsr`):", "",
               "```python", "from diffusers import DiffusionPipeline", "",
               'pipe = DiffusionPipeline.from_pretrained(FOLDER, custom_pipeline=FOLDER, trust_remote_code=True)',
               "```", ""]

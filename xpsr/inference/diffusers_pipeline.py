@@ -282,6 +282,11 @@ class XPSRPipeline(DiffusionPipeline):
             returned = callback_on_step_end(self, i, t, {"latents": latents}) or {}
             return returned.get("latents", latents)
 
+        offload_hook = getattr(self.vae, "_hf_hook", None)
+        if offload_hook is not None:
+            # enable_model_cpu_offload hooks forward/encode/decode; a tiled VAE path may call the VAE's
+            # submodules directly, so the VAE goes to the execution device for the whole call.
+            offload_hook.pre_forward(self.vae)
         outputs = []
         for lr, content, quality, g in zip(images, prompts, qualities, generators):
             if quality is None:

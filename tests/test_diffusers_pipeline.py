@@ -309,6 +309,10 @@ def test_export_from_a_run_writes_a_model_card_that_says_how_to_reproduce_it(run
     assert main(["export", f"weights={run_dir[0] / 'checkpoints' / 'step-1'}", f"output={out}"]) == 0
     card = (out / "README.md").read_text()
     assert "steps: 1 of 2" in card and "base_model" not in _front_matter(card)
+    # a run that did not finish points at its checkpoints
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "checkpoints" / "step-1").mkdir(parents=True)
+    assert main(["export", f"weights={unfinished}", f"output={tmp_path / 'none'}"]) == 1
 
 
 def test_export_refuses_to_overwrite_and_pushing_offline_keeps_the_folder(run_dir, exported, tmp_path, capsys):

@@ -54,6 +54,10 @@ def resolve_source(weights: str | Path) -> Source:
             step = config.get("max_steps")
         run_dir = path.parent.parent.parent if state.is_file() else path.parent.parent
         return Source("trained", path, config, step, run_dir if (run_dir / "config.yaml").is_file() else None)
+    if (path / "checkpoints").is_dir():
+        steps = sorted(p.name for p in (path / "checkpoints").glob("step-*"))
+        raise FileNotFoundError(f"run {path} has no final/trained.safetensors (training did not finish); pass a "
+                                f"checkpoint, e.g. weights={path / 'checkpoints' / (steps[-1] if steps else 'step-N')}")
     controlnet_config = path / "controlnet" / "config.json"
     if controlnet_config.is_file() and "xpsr" in json.loads(controlnet_config.read_text()):
         return Source("exported", path)

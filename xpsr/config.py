@@ -78,6 +78,9 @@ class BenchConfig:
     warmup: int = doc(2, "untimed steps first")
     device: str = doc("auto", "'auto', 'cpu' or 'cuda'")
     dtype: str = choice("fp32", ("fp32", "bf16", "fp16"), "autocast dtype of the forward (trainable weights stay fp32)")
+    frozen_unet_dtype: str = choice("fp32", ("fp32", "mixed_precision"),
+                                    "what=train: frozen UNet weights in fp32 (official) or in `dtype`")
+    deterministic: bool = doc(False, "what=train: deterministic GPU kernels, as `xpsr train deterministic=true`")
     gradient_checkpointing: bool = doc(False, "recompute activations in backward")
     compile: bool = doc(False, "torch.compile the UNet and ControlNet")
     fusion_mode: str = choice("sfa", FUSION_MODES, "fusion mode of the benchmarked model")
@@ -135,7 +138,11 @@ class DegradationConfig:
     final_sinc_prob: float = doc(0.8, "probability of the final sinc filter")
     final_sinc_sizes: list[int] = doc([7, 9, 11, 13, 15, 17, 19, 21], "kernel sizes of the final sinc filter")
     kernel_pad_to: int = doc(21, "every kernel is zero-padded to this size")
-    usm_gt: bool = doc(True, "unsharp-mask the HR target (saved as the HR image)")
+    usm_gt: bool = doc(True, "unsharp-mask the HR crop (saved as the HR image)")
+    degrade_sharpened: bool = doc(True, "with usm_gt: degrade the sharpened crop (official make_train.py, "
+                                        "Real-ESRGAN); false = degrade the plain crop (recipe v1 order, ablation)")
+    jpeg_codec: str = choice("torch", ("torch", "opencv"), "'torch': BasicSR DiffJPEG's arithmetic with hard "
+                             "rounding and float quality (official); 'opencv': a real 8-bit codec, integer quality")
     usm_weight: float = doc(0.5, "USM weight")
     usm_radius: int = doc(50, "USM Gaussian size (made odd)")
     usm_threshold: float = doc(10.0, "USM threshold on the 0-255 scale")
@@ -159,6 +166,8 @@ class PrepareConfig:
     paired_lr: str | None = doc(None, "import an existing paired set: its LR folder (paired by sorted name)")
     workers: int = doc(0, "worker processes (0 = in-process)")
     device: str = doc("cpu", "device for the torch degradation ops ('cpu', 'cuda')")
+    share_draws_every: int = doc(1, "pairs per group sharing the official per-batch draws (make_train.py: 10; "
+                                    "groups: consecutive sources of the sorted input list, per crop and variant)")
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
 
 
@@ -219,6 +228,8 @@ class DatasetConfig:
     quality_dropout: float = doc(0.0, "probability of an empty quality prompt (for classifier-free guidance)")
     return_lr: bool = doc(False, "also return the native-size LR crop")
     seed: int = doc(0, "seed of the per-sample randomness (crop, flip, dropout)")
+    allow_old_recipe: bool = doc(False, "read pair folders made by an older `prepare` recipe (warning) "
+                                        "instead of failing; README: Data")
 
 
 @dataclass
@@ -235,10 +246,21 @@ class DFCConfig:
 
 @dataclass
 class ValidationConfig:
+    """Validation samples with the inference code (`xpsr.inference`): the settings of ``infer_config``
+    (an `xpsr infer` YAML; null = InferConfig's defaults, the official test config), then the sampling keys
+    below on top. Their defaults are the official validation (train.py `log_validation` + xpsr_valid.yaml)."""
+
     every: int = doc(0, "validate every N steps (0 = never)")
     num_images: int = doc(2, "validation pairs, taken in order from the first data folder")
-    num_inference_steps: int = doc(20, "sampling steps of the validation run")
-    guidance_scale: float = doc(5.5, "classifier-free guidance of the validation run")
+    infer_config: str | None = doc(None, "an `xpsr infer` YAML for prompts, resize, tiling, colour fix...; "
+                                         "null = InferConfig defaults (the official test config)")
+    scheduler: str = doc("unipc", "sampler, as `xpsr infer scheduler=` (official validation: UniPC)")
+    num_inference_steps: int = doc(20, "sampling steps (official: 20)")
+    guidance_scale: float = doc(5.5, "classifier-free guidance (paper 5.5; official validation config 4.5)")
+    start_from: str = doc("lr", "initial latent, as `xpsr infer start_from=` (official: the LR latent, twice noised)")
+    added_noise_level: int = doc(400, "timestep of the second noising of the LR latent (official validation: 400; "
+                                      "official test: 800)")
+    color_fix: str = doc("none", "colour fix, as `xpsr infer color_fix=` (official validation: none)")
     use_ema: bool = doc(True, "sample with the EMA weights when EMA is on")
 
 
@@ -253,7 +275,8 @@ class TrainConfig:
     max_steps: int = doc(1000, "optimizer steps")
     stop_at_step: int | None = doc(None, "end this session at this step with a checkpoint (time-limited jobs); "
                                          "the LR schedule still targets max_steps; resume=latest continues")
-    seed: int = doc(0, "seed of data order, noise, timesteps and fresh weights")
+    seed: int = doc(0, "seed of noise, timesteps, fresh weights, demo data and the global RNGs (the data "
+                       "order and crops have their own `data.seed`)")
     resume: str | None = doc(None, "'latest', a checkpoint folder, or null")
     batch_size: int = doc(2, "images per process per micro-step")
     gradient_accumulation_steps: int = doc(1, "micro-steps per optimizer step")
@@ -266,7 +289,14 @@ class TrainConfig:
     adam_epsilon: float = doc(1e-8, "AdamW epsilon")
     use_8bit_adam: bool = doc(False, "bitsandbytes AdamW8bit (needs a CUDA build of bitsandbytes)")
     max_grad_norm: float = doc(1.0, "gradient clipping (0 = off)")
-    mixed_precision: str = choice("fp32", ("fp32", "fp16", "bf16"), "autocast dtype; frozen weights are cast to it")
+    mixed_precision: str = choice("fp32", ("fp32", "fp16", "bf16"), "autocast dtype of the forward; the frozen VAE and "
+                                  "text encoder are stored in it (trainable weights stay fp32)")
+    frozen_unet_dtype: str = choice("fp32", ("fp32", "mixed_precision"),
+                                    "storage of the frozen UNet weights: fp32 (official; autocast computes in "
+                                    "mixed_precision) or mixed_precision (half the memory of those weights)")
+    deterministic: bool = doc(False, "deterministic GPU kernels: torch deterministic algorithms, cuBLAS workspace "
+                                     ":4096:8, cuDNN deterministic without autotuning (slower; CPU runs are "
+                                     "deterministic without it)")
     allow_tf32: bool = doc(False, "TF32 matmuls on Ampere+ GPUs")
     compile: bool = doc(False, "torch.compile the UNet and ControlNet")
     use_ema: bool = doc(False, "keep an exponential moving average of the trainable weights")

@@ -8,6 +8,7 @@ never touch SQLite) and a missing one fails there, naming the pair. Randomness p
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from torch.utils.data import Dataset, Sampler
 
 from xpsr.config import DatasetConfig
 from xpsr.data.images import file_hash, load_rgb
-from xpsr.data.pairs import read_manifest
+from xpsr.data.manifest import RecipeMismatchError, is_old_recipe, read_manifest, record_recipe
 
 
 class MissingPromptError(KeyError):
@@ -44,9 +45,22 @@ class PairedPromptDataset(Dataset):
         if len(scales) != 1:
             raise ValueError(f"{manifest} mixes scales {sorted(scales)}")
         self.scale = scales.pop()
+        self._check_recipes(manifest)
         if cfg.crop_size % self.scale:
             raise ValueError(f"crop_size {cfg.crop_size} is not a multiple of the scale x{self.scale}")
         self.prompts = self._resolve_prompts()
+
+    def _check_recipes(self, manifest: Path) -> None:
+        """Pairs of an older `prepare` recipe fail (or warn with allow_old_recipe): their LR images differ."""
+        old = sorted({rec for rec in map(record_recipe, self.records) if is_old_recipe(rec)})
+        if not old:
+            return
+        message = (f"{manifest} holds pairs made with an older recipe ({', '.join(old)}): their LR images were "
+                   "degraded from the plain crop, not the USM-sharpened one as the official make_train.py does; "
+                   "regenerate them with `xpsr prepare` into a new folder")
+        if not self.cfg.allow_old_recipe:
+            raise RecipeMismatchError(message + " (or set allow_old_recipe=true to train on them anyway)")
+        warnings.warn(message, stacklevel=3)
 
     def _resolve_prompts(self) -> list[tuple[str, str, str]]:
         """(content, quality, quality of the HR image) per record, from the cache."""

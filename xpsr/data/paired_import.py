@@ -6,14 +6,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from xpsr.config import PrepareConfig
+from xpsr.config import PrepareConfig, to_dict
 from xpsr.data.images import ImageError, file_hash, list_images, load_rgb, save_png_atomic
+from xpsr.data.manifest import ManifestWriter, NothingUsableError, check_resume_recipe, read_manifest, write_report
+
+RECIPE = "imported"
 
 
 def import_paired(cfg: PrepareConfig) -> dict:
     """Pair ``paired_hr`` and ``paired_lr`` by sorted file name; refuse pairs whose sizes disagree with ``scale``."""
-    from xpsr.data.pairs import ManifestWriter, NothingUsableError, _write_report, read_manifest
-
     if not (cfg.paired_hr and cfg.paired_lr):
         raise ValueError("import of a paired set needs both paired_hr=DIR and paired_lr=DIR")
     out = Path(cfg.output_dir)
@@ -21,7 +22,9 @@ def import_paired(cfg: PrepareConfig) -> dict:
     if len(hrs) != len(lrs):
         raise ValueError(f"paired_hr has {len(hrs)} images but paired_lr has {len(lrs)}: cannot pair by sorted name")
     manifest_path = out / "manifest.jsonl"
-    done = {r["id"] for r in read_manifest(manifest_path)}
+    existing = read_manifest(manifest_path)
+    check_resume_recipe(manifest_path, existing, RECIPE)
+    done = {r["id"] for r in existing}
     writer, entries, made, start = ManifestWriter(manifest_path), [], 0, time.perf_counter()
     try:
         for hr_path, lr_path in tqdm(list(zip(hrs, lrs)), desc="import", unit="pair"):
@@ -46,7 +49,7 @@ def import_paired(cfg: PrepareConfig) -> dict:
                           "source_lr": str(lr_path), "source_hash": file_hash(hr_path), "scale": cfg.scale,
                           "hr_hash": file_hash(out / "hr" / f"{pid}.png"),
                           "lr_hash": file_hash(out / "lr" / f"{pid}.png"),
-                          "imported": True, "notes": hr_notes + lr_notes,
+                          "imported": True, "recipe": RECIPE, "notes": hr_notes + lr_notes,
                           "crop_box": [0, 0, hr.shape[1], hr.shape[0]]})
             made += 1
     finally:
@@ -55,7 +58,7 @@ def import_paired(cfg: PrepareConfig) -> dict:
     records = read_manifest(manifest_path)
     stats = {"pairs_made": made, "pairs_total": len(records), "seconds": round(seconds, 3),
              "inputs_skipped": sum(e["decision"] == "skipped" for e in entries)}
-    _write_report(out, entries, stats, cfg)
+    write_report(out, entries, stats, to_dict(cfg))
     print(f"import: {made} pairs, {len(records)} in the manifest, {stats['inputs_skipped']} skipped")
     if not records:
         raise NothingUsableError(f"import: no usable pair in {cfg.paired_hr} / {cfg.paired_lr} (see report.json)")

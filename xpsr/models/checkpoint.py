@@ -74,10 +74,31 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        sort_metadata(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its ``__metadata__`` keys sorted, in place.
+
+    safetensors writes them in Rust hash-map order, which is random per process (safetensors issue 584),
+    so the same weights and config gave different bytes in two runs. Both serialisers write compact JSON
+    with the same escapes, so the sorted header has the same length and the tensor offsets (relative to
+    the end of the header) stay valid."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        if not header.get("__metadata__"):
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > size:
+            raise RuntimeError(f"{path}: the sorted safetensors header is longer than the original")
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))  # safetensors pads its header with spaces too
 
 
 def trained_state_dict(unet: nn.Module, controlnet: nn.Module) -> dict[str, torch.Tensor]:

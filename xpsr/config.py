@@ -393,6 +393,24 @@ class InferConfig:
 
 
 @dataclass
+class ExportConfig:
+    """`xpsr export`: trained or official XPSR weights -> a diffusers folder with a model card."""
+
+    weights: str = doc("???", "a training run dir (final/trained.safetensors), a checkpoint folder "
+                              "(checkpoints/step-N), a trained .safetensors file, an official XPSR folder "
+                              "(imported), or an exported folder")
+    output: str = doc("???", "the folder to write (model_index.json, components, README.md model card)")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    overwrite: bool = doc(False, "write into an output folder that already has files")
+    license: str | None = doc(None, "model card `license` (a Hub licence id); null: apache-2.0 for the tiny "
+                                    "model, else 'other' with a line naming the base model whose licence applies")
+    base_model: str | None = doc(None, "model card `base_model` (a Hub model id); null: model.base when it is a "
+                                       "Hub id, else left out of the card")
+    push_to_hub: str | None = doc(None, "Hub repo id to upload the folder to (huggingface_hub.upload_folder; "
+                                        "needs network and a token); null = only write the folder")
+
+
+@dataclass
 class ServeConfig:
     """`xpsr serve`: a web app (Gradio) that super-resolves uploaded images; control defaults below."""
 

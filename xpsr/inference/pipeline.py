@@ -1,6 +1,8 @@
 """XPSR super-resolution of one image: prompts, start latent, tiled CFG denoising, tiled VAE, colour fix."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -147,9 +149,15 @@ def final_resize(image: torch.Tensor, size: tuple[int, int], cfg: InferConfig) -
 
 @torch.no_grad()
 def super_resolve(modules, lr: np.ndarray, content_prompt: str, quality_prompt: str, cfg: InferConfig,
-                  device: torch.device) -> np.ndarray:
-    """RGB uint8 LR (h, w, 3) -> RGB uint8 SR (h*upscale, w*upscale, 3)."""
-    generator = torch.Generator().manual_seed(cfg.seed)
+                  device: torch.device, *, generator: torch.Generator | None = None,
+                  on_step_end: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                  progress: Callable[[Iterable], Iterable] | None = None) -> np.ndarray:
+    """RGB uint8 LR (h, w, 3) -> RGB uint8 SR (h*upscale, w*upscale, 3).
+
+    Hooks for the diffusers face (``XPSRPipeline``), all optional: ``generator`` (a CPU generator) replaces
+    the one seeded with ``cfg.seed``; ``on_step_end(i, t, latents)`` runs after each step and returns the
+    latents to go on with; ``progress`` wraps the timesteps (a progress bar)."""
+    generator = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
     (th, tw), _ = output_size(lr.shape[0], lr.shape[1], cfg)
     lr_cond = condition_image(lr, cfg, device, vae_scale_factor(modules.vae))
     dtype = next(modules.unet.parameters()).dtype
@@ -166,11 +174,13 @@ def super_resolve(modules, lr: np.ndarray, content_prompt: str, quality_prompt: 
     scheduler.set_timesteps(cfg.num_inference_steps, device=device)
     latents, timesteps = start_latents(modules, lr_cond, scheduler, scheduler.timesteps, cfg, generator, device)
 
-    for t in timesteps:
+    for i, t in enumerate(progress(timesteps) if progress else timesteps):
         model_in = scheduler.scale_model_input(latents, t)
         eps = guided_noise(modules, model_in, t, lr_cond, c, q, cfg)
         step_kwargs = {"generator": generator} if cfg.scheduler == "ddpm" else {}
         latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
+        if on_step_end is not None:
+            latents = on_step_end(i, t, latents)
 
     image = (vae_decode(modules.vae, latents, cfg.vae_decoder_tile, **vae_tile_options(cfg)) + 1) / 2
     image = fix_colors(image.clamp(0, 1), lr_cond.float(), cfg.color_fix, cfg.color_fix_8bit)

@@ -1,5 +1,23 @@
 """Errors that describe a problem with the user's inputs or setup (the CLI prints them without a traceback)."""
+from __future__ import annotations
+
+import os
 
 
 class XPSRError(Exception):
     """Base of our user-facing errors that are not already FileNotFoundError/ValueError/KeyError."""
+
+
+class OutputError(XPSRError, OSError):
+    """An output cannot be written (read-only or missing folder, a file where a folder should be, disk full).
+
+    Also an OSError, so code that already handles OSError keeps working."""
+
+
+def shown(path: str | os.PathLike | bytes) -> str:
+    """``path`` as a message shows it: as is when printable, else Python's quoted, escaped form.
+
+    A file name may hold bytes that are not UTF-8 (kept by Python as lone surrogates, which a UTF-8 stderr
+    cannot print), newlines that would split a one-line error, or other control characters."""
+    text = os.fsdecode(path)
+    return text if text.isprintable() else repr(text)

@@ -217,9 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     schema, fn, _ = COMMANDS[args.command]
     try:
         cfg = load_config(schema, args.config, args.overrides)
-    except ConfigError as e:
+    except ConfigError as e:  # exit 1 with one line, as every other problem with the user's input
         print(f"xpsr {args.command}: {e}", file=sys.stderr)
-        return 2
+        return 1
     from xpsr.errors import XPSRError
 
     try:

@@ -1,20 +1,28 @@
-"""Reading config sources -- YAML files (with ``inherit``) and ``key=value`` overrides -- into layers that
-remember where each key came from, with every failure a one-line ConfigError naming the file or override.
+"""Loading a config: defaults of a schema <- YAML files (with ``inherit``) <- ``key=value`` overrides, each
+source a layer that remembers the keys it sets, so that every failure -- syntax, unknown key, wrong type, a
+value against a field's rules (xpsr/config_rules.py) -- is a one-line ConfigError naming the key and the file
+or override it came from.
 
 Hostile input is bounded: a config file is at most ``MAX_CONFIG_BYTES``, and a file or override value may
 expand to at most ``MAX_YAML_NODES`` nodes (YAML aliases can make a few hundred bytes expand to billions).
 """
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from xpsr.config_rules import check_config, describe_rules
 from xpsr.errors import XPSRError, shown
+
+T = TypeVar("T")
 
 MAX_CONFIG_BYTES = 1 << 20
 MAX_YAML_NODES = 100_000
@@ -159,3 +167,61 @@ def short(value: Any, limit: int = 80) -> str:
     """A value as a one-line message shows it: its repr, cut to ``limit`` characters."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _merge(merged: DictConfig, layer: Layer) -> DictConfig:
+    try:
+        return OmegaConf.merge(merged, layer.node)
+    except (OmegaConfBaseException, ValueError, TypeError, RecursionError) as e:
+        key = getattr(e, "full_key", None) or getattr(e, "key", None)
+        where = f" key '{key}':" if key else ""
+        raise ConfigError(f"{layer.label}:{where} {first_line(e)}") from None
+
+
+def check_values(obj: Any, source: str, layers: Sequence[Layer] = ()) -> None:
+    """ConfigError naming every value of ``obj`` that breaks its field's rules (one line; the source of each key
+    is the layer that set it, else ``source``)."""
+    problems = check_config(obj)
+    if problems:
+        raise ConfigError("; ".join(f"{source_of(p.key, list(layers), source)}: key '{p.key}' = {short(p.value)} "
+                                    f"{p.why}" for p in problems))
+
+
+def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
+                allow_missing: bool = False) -> T:
+    """Defaults of ``schema`` <- YAML at ``path`` <- ``key=value`` overrides; returns a checked ``schema``."""
+    layers = yaml_layers(Path(path)) if path is not None else []
+    layers += [override_layer(str(o)) for o in overrides]
+    merged = OmegaConf.structured(schema)
+    for layer in layers:
+        merged = _merge(merged, layer)
+    default = "defaults" if not layers else layers[-1].label
+    if allow_missing:  # validation of a config file whose mandatory keys come on the command line
+        merged = OmegaConf.merge(merged, {k: "<set on the command line>" for k in OmegaConf.missing_keys(merged)})
+    try:
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = str(getattr(e, "full_key", None) or getattr(e, "key", None))
+        raise ConfigError(f"{source_of(key, layers, default)}: key '{key}' needs a value "
+                          f"({first_line(e)})") from None
+    check_values(obj, "defaults", layers)
+    return obj  # type: ignore[return-value]
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain, JSON-serialisable dict of a config dataclass."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def describe(schema: type, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(key, default, doc and rules) for every leaf of ``schema``: what `--help` prints."""
+    rows = []
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}{f.name}"
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory()):
+            rows += describe(type(f.default_factory()), key + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rules = describe_rules(f.metadata)
+        rows.append((key, default, f"{f.metadata.get('doc', '')} {rules}".rstrip()))
+    return rows

@@ -1,8 +1,8 @@
 """Value rules of config fields: declared next to each field in xpsr/config.py, checked by ``load_config``.
 
-A field declares its rules as keyword arguments of ``doc()``/``choice()``, e.g.
+A field declares its rules as keyword arguments of ``doc()``/``choice()`` (defined here), e.g.
 ``crop_size: int = doc(512, "HR crop size", min=1)`` or ``sizes: list[int] = doc([...], "...", odd=True)``.
-Number rules (``min``, ``max``, ``above``, ``odd``, ``multiple_of``) apply to a number or to every element
+Number rules (``min``, ``max``, ``above``, ``below``, ``odd``, ``multiple_of``) apply to a number or to every element
 of a list of numbers; ``nonempty``, ``length``, ``ordered`` and ``weights`` to the whole list (or string);
 ``each_of`` and ``choices`` to every element of a list or to the string; ``device`` to a device string.
 ``None`` (an optional field left unset) satisfies every rule. Beyond the declared rules, every int must
@@ -16,12 +16,23 @@ import math
 import re
 import types
 import typing
+from collections.abc import Sequence
+from dataclasses import field
 from typing import Any, NamedTuple
 
-RULES = ("min", "max", "above", "odd", "multiple_of", "nonempty", "length", "ordered", "weights", "each_of",
+RULES = ("min", "max", "above", "below", "odd", "multiple_of", "nonempty", "length", "ordered", "weights", "each_of",
          "choices", "device")
 DEVICE_FORMS = {"auto": r"auto", "cpu": r"cpu", "cuda": r"cuda(:\d+)?", "mps": r"mps"}
 INT64 = 2**63 - 1
+
+# Value sets shared by several schemas (xpsr/config.py, config_tools.py).
+FUSION_MODES = ("sfa", "sequential", "content_only", "quality_only")
+SCHEDULERS = ("ddpm", "ddim", "unipc", "dpmsolver++")
+COLOR_FIXES = ("adain", "wavelet", "none")
+METRICS = ("psnr", "ssim", "lpips", "dists", "fid", "niqe", "maniqa", "maniqa-pipal", "maniqa-kadid", "clipiqa",
+           "musiq")
+DEVICE = ("auto", "cpu", "cuda")  # `device` rule: 'auto', 'cpu', 'cuda' or 'cuda:N'
+TIMESTEP = {"min": 0, "max": 999}  # Stable Diffusion's 1000 training timesteps
 
 
 class Problem(NamedTuple):
@@ -38,6 +49,19 @@ def rule_metadata(rules: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in rules.items()}
 
 
+def choice(default: str | None, choices: Sequence[str | None], doc: str, **rules: Any) -> Any:
+    """A field whose value is one of ``choices``."""
+    return field(default=default, metadata={"choices": tuple(choices), "doc": doc, **rule_metadata(rules)})
+
+
+def doc(default: Any, text: str, **rules: Any) -> Any:
+    """A field with its `--help` text and value rules (``min=1``, ``odd=True``...; see the module doc)."""
+    metadata = {"doc": text, **rule_metadata(rules)}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 def _number_problem(x: Any, rules: dict[str, Any]) -> str | None:
     if "min" in rules and x < rules["min"]:
         return f"must be >= {rules['min']}"
@@ -45,6 +69,8 @@ def _number_problem(x: Any, rules: dict[str, Any]) -> str | None:
         return f"must be > {rules['above']}"
     if "max" in rules and x > rules["max"]:
         return f"must be <= {rules['max']}"
+    if "below" in rules and x >= rules["below"]:
+        return f"must be < {rules['below']}"
     if rules.get("odd") and x % 2 != 1:
         return "must be odd"
     if "multiple_of" in rules and x % rules["multiple_of"] != 0:
@@ -64,7 +90,7 @@ def rule_problem(value: Any, rules: dict[str, Any]) -> str | None:
     if value is None:
         return None
     items = list(value) if isinstance(value, (list, tuple)) else None
-    if rules.get("nonempty") and len(value) == 0:
+    if rules.get("nonempty") and (len(value) == 0 or (isinstance(value, str) and not value.strip())):
         return "must not be empty"
     if items is not None:
         if "length" in rules and len(items) != rules["length"]:
@@ -145,8 +171,8 @@ def describe_rules(metadata: typing.Mapping[str, Any]) -> str:
     if "choices" in metadata:
         return "{" + "|".join(str(c) for c in metadata["choices"]) + "}"
     parts = []
-    for name, text in (("min", ">= {}"), ("above", "> {}"), ("max", "<= {}"), ("multiple_of", "multiple of {}"),
-                       ("length", "{} values"), ("each_of", "each of {}")):
+    for name, text in (("min", ">= {}"), ("above", "> {}"), ("max", "<= {}"), ("below", "< {}"),
+                       ("multiple_of", "multiple of {}"), ("length", "{} values"), ("each_of", "each of {}")):
         if name in metadata:
             value = metadata[name]
             parts.append(text.format("|".join(value) if isinstance(value, tuple) else value))

@@ -14,10 +14,10 @@ class OutputError(XPSRError, OSError):
     Also an OSError, so code that already handles OSError keeps working."""
 
 
-def shown(path: str | os.PathLike | bytes) -> str:
+def shown(path: str | os.PathLike | bytes | object) -> str:
     """``path`` as a message shows it: as is when printable, else Python's quoted, escaped form.
 
     A file name may hold bytes that are not UTF-8 (kept by Python as lone surrogates, which a UTF-8 stderr
     cannot print), newlines that would split a one-line error, or other control characters."""
-    text = os.fsdecode(path)
+    text = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else str(path)  # or a named stream
     return text if text.isprintable() else repr(text)

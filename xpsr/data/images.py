@@ -16,6 +16,7 @@ import stat
 import tempfile
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -103,8 +104,22 @@ def file_hash(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _regular_file(path: str | Path) -> str | Path:
-    """``path`` when it is a regular file (opening a FIFO blocks forever); raises ImageError otherwise."""
+def _all_bytes(source: str | Path | BinaryIO) -> bytes:
+    if not isinstance(source, (str, os.PathLike)):  # a stream (bytes already in memory): read, then rewind
+        position = source.tell()
+        source.seek(0)
+        data = source.read()
+        source.seek(position)
+        return data
+    with open(source, "rb") as f:
+        return f.read()
+
+
+def _regular_file(path: str | Path | BinaryIO) -> str | Path | BinaryIO:
+    """``path`` when it is a regular file (opening a FIFO blocks forever) or an open stream; raises ImageError
+    otherwise."""
+    if not isinstance(path, (str, os.PathLike)):
+        return path
     try:
         mode = os.stat(path).st_mode
     except OSError as e:
@@ -136,7 +151,7 @@ def jpeg_scan_count(data: bytes, stop_after: int = MAX_JPEG_SCANS) -> int:
     return stop_after + 1
 
 
-def _check_bounds(im: Image.Image, path: str | Path, max_pixels: int) -> None:
+def _check_bounds(im: Image.Image, path: str | Path | BinaryIO, max_pixels: int) -> None:
     """Refuse, from the header alone, what would take too much memory or time to decode."""
     width, height = im.size
     if width * height > max_pixels:
@@ -147,11 +162,10 @@ def _check_bounds(im: Image.Image, path: str | Path, max_pixels: int) -> None:
                          f"in Python (about 1 s per megapixel), refused above {MAX_PYTHON_DECODED_PIXELS:,} "
                          "pixels; convert it to PNG")
     if im.format in ("JPEG", "MPO"):
-        with open(path, "rb") as f:
-            if jpeg_scan_count(f.read()) > MAX_JPEG_SCANS:
-                raise ImageError(f"{shown(path)}: a JPEG with more than {MAX_JPEG_SCANS} scans or "
-                                 f"{MAX_JPEG_MARKERS} markers (each scan is a pass over the whole image: decoding "
-                                 "could take minutes); re-encode it")
+        if jpeg_scan_count(_all_bytes(path)) > MAX_JPEG_SCANS:
+            raise ImageError(f"{shown(path)}: a JPEG with more than {MAX_JPEG_SCANS} scans or "
+                             f"{MAX_JPEG_MARKERS} markers (each scan is a pass over the whole image: decoding "
+                             "could take minutes); re-encode it")
 
 
 # EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose, which also
@@ -208,8 +222,9 @@ def _to_rgb(im: Image.Image, notes: list[str]) -> np.ndarray:
     return np.array(im, dtype=np.uint8)
 
 
-def load_rgb(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[np.ndarray, list[str]]:
-    """Read ``path`` as an RGB uint8 HWC array; returns ``(array, notes)`` on conversions done.
+def load_rgb(path: str | Path | BinaryIO, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[np.ndarray, list[str]]:
+    """Read ``path`` (a file, or an open binary stream whose str() names it) as an RGB uint8 HWC array; returns
+    ``(array, notes)`` on conversions done.
 
     Handles EXIF orientation (ignored with a note when the EXIF is broken), grayscale/palette (to RGB), alpha
     (composited on white), CMYK, 16-bit or 32-bit integer and float data (scaled to 8 bits) and multi-frame

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from xpsr.config_degradation import DegradationConfig, KernelConfig, StageConfig  # noqa: F401 - re-exported
 from xpsr.config_io import ConfigError, check_values, describe, load_config, to_dict  # noqa: F401 - re-exported
-from xpsr.config_rules import COLOR_FIXES, DEVICE, FUSION_MODES, METRICS, SCHEDULERS, TIMESTEP, choice, doc
+from xpsr.config_rules import COLOR_FIXES, DEVICE, FUSION_MODES, METRICS, SCHEDULERS, SEED, TIMESTEP, choice, doc
 from xpsr.config_tools import BenchConfig, TablesConfig  # noqa: F401 - re-exported
 
 
@@ -41,7 +41,7 @@ class ModelConfig:
     conditioning_channels: list[int] = doc([16, 32, 96, 256], "conditioning-embedding widths (3 stride-2 stages)",
                                      length=4, min=1)
     gradient_checkpointing: bool = doc(False, "recompute activations in backward (enabled after injection)")
-    seed: int = doc(0, "seed for the tiny preset and for freshly initialised XPSR weights", min=0)
+    seed: int = doc(0, "seed for the tiny preset and for freshly initialised XPSR weights", **SEED)
 
 
 @dataclass
@@ -54,7 +54,7 @@ class DemoConfig:
     train_steps: int = doc(300, "training steps of the tiny model", min=1)
     crop_size: int = doc(64, "HR crop size of the demo pairs", min=16, multiple_of=8)
     inference_steps: int = doc(20, "denoising steps when super-resolving the held-out images", min=1)
-    seed: int = doc(0, "seed of everything", min=0)
+    seed: int = doc(0, "seed of everything", **SEED)
 
 
 
@@ -66,7 +66,7 @@ class PrepareConfig:
     output_dir: str = doc("???", "where hr/, lr/, manifest.jsonl and report.json go",
                           nonempty=True)
     seed: int = doc(0, "global seed; every pair's randomness derives from (seed, source hash, crop, variant)",
-                    min=0)
+                    **SEED)
     scale: int = doc(4, "super-resolution factor", min=1)
     crop_size: int = doc(512, "HR crop size in pixels (a multiple of `scale`)", min=1)
     crops_per_image: int = doc(1, "random crops per image and variant", min=1)
@@ -74,8 +74,9 @@ class PrepareConfig:
     test_set: bool = doc(False, "one crop per image (DIV2K-Val style) instead of crops_per_image random crops")
     test_crop: str = choice("centre", ("centre", "seeded"), "test_set crop position: the centre or a seeded one")
     small_images: str = choice("pad", ("pad", "skip"), "images smaller than the crop: reflect-pad or skip")
-    paired_hr: str | None = doc(None, "import an existing paired set: its HR folder")
-    paired_lr: str | None = doc(None, "import an existing paired set: its LR folder (paired by sorted name)")
+    paired_hr: str | None = doc(None, "import an existing paired set: its HR folder", nonempty=True)
+    paired_lr: str | None = doc(None, "import an existing paired set: its LR folder (paired by sorted name)",
+                                  nonempty=True)
     workers: int = doc(0, "worker processes (0 = in-process)", min=0)
     device: str = doc("cpu", "device for the torch degradation ops ('cpu', 'cuda')",
                       device=("cpu", "cuda"))
@@ -150,7 +151,7 @@ class DatasetConfig:
     quality_dropout: float = doc(0.0, "probability of an empty quality prompt (for classifier-free guidance)",
                                   min=0, max=1)
     return_lr: bool = doc(False, "also return the native-size LR crop")
-    seed: int = doc(0, "seed of the per-sample randomness (crop, flip, dropout)", min=0)
+    seed: int = doc(0, "seed of the per-sample randomness (crop, flip, dropout)", **SEED)
     allow_old_recipe: bool = doc(False, "read pair folders made by an older `prepare` recipe (warning) "
                                         "instead of failing; README: Data")
     bad_manifest_lines: str = choice("error", ("error", "skip"),
@@ -207,8 +208,8 @@ class TrainConfig:
     stop_at_step: int | None = doc(None, "end this session at this step with a checkpoint (time-limited jobs); "
                                          "the LR schedule still targets max_steps; resume=latest continues", min=1)
     seed: int = doc(0, "seed of noise, timesteps, fresh weights, demo data and the global RNGs (the data "
-                       "order and crops have their own `data.seed`)", min=0)
-    resume: str | None = doc(None, "'latest', a checkpoint folder, or null")
+                       "order and crops have their own `data.seed`)", **SEED)
+    resume: str | None = doc(None, "'latest', a checkpoint folder, or null", nonempty=True)
     batch_size: int = doc(2, "images per process per micro-step", min=1)
     gradient_accumulation_steps: int = doc(1, "micro-steps per optimizer step", min=1)
     learning_rate: float = doc(5e-5, "AdamW learning rate", above=0)
@@ -283,7 +284,7 @@ class InferConfig:
     color_fix_8bit: bool = doc(False, "as the official test script: the SR rounded to 8 bits before the colour fix "
                                       "and the fixed image truncated to 8 bits after it (its ToPILImage); false: "
                                       "the fix on floats, rounded once at the end")
-    seed: int = doc(0, "seed of the initial noise and the sampler")
+    seed: int = doc(0, "seed of the initial noise and the sampler", **SEED)
     dtype: str = choice("fp32", ("fp32", "fp16", "bf16"), "weights and compute dtype")
     device: str = doc("auto", "'auto' (the accelerate process's device), 'cpu', 'cuda'", device=DEVICE)
     latent_tile: int = doc(64, "latent tile size (x8 px); larger latents are denoised tile by tile (see "
@@ -310,7 +311,7 @@ class InferConfig:
                                 min=0)
     prompts: str = choice("cache", ("cache", "fixed"), "cache: prompts of each input from the prompt cache; "
                           "fixed: `prompt`/`quality_prompt` for every image")
-    cache: str | None = doc(None, "prompt cache file (prompts=cache)")
+    cache: str | None = doc(None, "prompt cache file (prompts=cache)", nonempty=True)
     caption_first: list[str] = doc([], "caption configs (e.g. configs/caption/llava_content.yaml, "
                                        "llava_quality.yaml) run on the inputs into `cache` before SR; already "
                                        "cached images are skipped, and the captioners are freed before SR starts. "
@@ -356,7 +357,7 @@ class ServeConfig:
     scheduler: str = choice("ddpm", SCHEDULERS, "sampler (official test: DDPM)")
     num_inference_steps: int = doc(20, "default of the steps control", min=1)
     guidance_scale: float = doc(4.5, "default of the guidance control")
-    seed: int = doc(0, "default of the seed control", min=0)
+    seed: int = doc(0, "default of the seed control", **SEED)
     color_fix: str = choice("adain", COLOR_FIXES, "default of the colour-fix control")
     upscale: int = doc(4, "default of the upscale control (1-8)", min=1, max=8)
     process_size: int = doc(512, "as `xpsr infer process_size=`: small outputs are processed at this short side",
@@ -373,7 +374,8 @@ class ServeConfig:
     content_captioner: str | None = doc(None, "caption config (kind=content) that fills the content prompt, e.g. "
                                               "configs/caption/llava_content.yaml, loaded once on first use; "
                                               "null = the content prompt starts empty")
-    output_dir: str | None = doc(None, "where result PNGs are written for download; null = a new temporary folder")
+    output_dir: str | None = doc(None, "where result PNGs are written for download; null = a new temporary folder",
+                                    nonempty=True)
 
     def validate(self) -> list[tuple[str, str]]:
         return _tile_overlap_problems(self.latent_tile, self.latent_overlap)
@@ -384,7 +386,8 @@ class EvalConfig:
     """`xpsr eval`: SR folder (vs HR folder) -> metrics.csv, summary.json, table.md."""
 
     sr: str = doc("???", "folder of SR images", nonempty=True)
-    hr: str | None = doc(None, "folder of HR images (paired by sorted name); needed by full-reference metrics")
+    hr: str | None = doc(None, "folder of HR images (paired by sorted name); needed by full-reference metrics",
+                          nonempty=True)
     output_dir: str = doc("???", "where metrics.csv, summary.json, table.md and the per-image cache go",
                           nonempty=True)
     metrics: list[str] = doc(["psnr", "ssim", "lpips", "dists", "fid", "niqe", "maniqa", "clipiqa", "musiq"],

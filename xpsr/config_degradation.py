@@ -85,5 +85,5 @@ class DegradationConfig:
     def validate(self) -> list[tuple[str, str]]:
         largest = max(self.stage1.kernel.sizes + self.stage2.kernel.sizes + self.final_sinc_sizes)
         if self.kernel_pad_to < largest:
-            return [("kernel_pad_to", f"must be at least the largest kernel size ({largest})")]
+            return [("kernel_pad_to", f"must be at least the largest of sizes and final_sinc_sizes ({largest})")]
         return []

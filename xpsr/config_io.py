@@ -9,7 +9,11 @@ expand to at most ``MAX_YAML_NODES`` nodes (YAML aliases can make a few hundred 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import functools
+import os
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from xpsr.config_rules import check_config, describe_rules
-from xpsr.errors import XPSRError, shown
+from xpsr.errors import XPSRError, one_line, shown
 
 T = TypeVar("T")
 
@@ -30,6 +34,9 @@ MAX_YAML_NODES = 100_000
 
 class ConfigError(XPSRError, ValueError):
     """A configuration file or override is wrong; the one-line message names the key and where it came from."""
+
+    def __init__(self, message: str):
+        super().__init__(one_line(message))  # keys and values are user text: a newline in them stays escaped
 
 
 @dataclass
@@ -90,16 +97,18 @@ def _yaml_problem(text: str, what: str) -> str | None:
 def read_yaml(path: Path) -> DictConfig:
     """One config file as a DictConfig (empty for an empty file); ConfigError naming the file otherwise."""
     label = shown(path)
-    if path.is_dir():
-        raise ConfigError(f"config file {label} is a folder, not a YAML file")
-    if not path.exists():
-        raise ConfigError(f"config file {label} does not exist")
-    if not path.is_file():
-        raise ConfigError(f"config file {label} is not a regular file")
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{label}: {path.stat().st_size:,} bytes is not a config file (limit "
-                              f"{MAX_CONFIG_BYTES:,} bytes)")
+        mode, size = path.stat().st_mode, path.stat().st_size
+    except OSError as e:  # missing, a dangling link or a link loop, a folder we may not enter
+        what = "does not exist" if e.errno == errno.ENOENT else f"cannot be read ({e.strerror or e})"
+        raise ConfigError(f"config file {label} {what}") from None
+    if stat.S_ISDIR(mode):
+        raise ConfigError(f"config file {label} is a folder, not a YAML file")
+    if not stat.S_ISREG(mode):  # a FIFO would block the read forever
+        raise ConfigError(f"config file {label} is not a regular file")
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{label}: {size:,} bytes is not a config file (limit {MAX_CONFIG_BYTES:,} bytes)")
+    try:
         text = path.read_bytes().decode("utf-8")
     except OSError as e:
         raise ConfigError(f"{label}: cannot read ({e.strerror or e})") from None
@@ -111,15 +120,15 @@ def read_yaml(path: Path) -> DictConfig:
     try:
         node = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
     except Exception as e:  # noqa: BLE001 - anything OmegaConf dislikes in a user's file is that file's problem
-        raise ConfigError(f"{label}: {first_line(e)}") from None
+        raise ConfigError(f"{label}: cannot read it as YAML ({first_line(e)})") from None
     if not isinstance(node, DictConfig):  # e.g. a file of only comments and a list after them
         raise ConfigError(f"{label}: a config file must be a mapping of keys (key: value lines)")
     return node
 
 
-def yaml_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[Layer]:
+def yaml_layers(path: Path, seen: tuple[str, ...] = ()) -> list[Layer]:
     """``path`` and, first, what its top-level ``inherit: OTHER.yaml`` (relative to it) names, recursively."""
-    if path.resolve() in seen:
+    if os.path.realpath(path) in seen:
         raise ConfigError(f"{shown(path)}: `inherit` loops back to a file that inherits it")
     node = read_yaml(path)
     parent = node.pop("inherit", None)
@@ -128,7 +137,10 @@ def yaml_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[Layer]:
         if not isinstance(parent, str) or not parent.strip():
             raise ConfigError(f"{shown(path)}: key 'inherit' = {short(parent)} must be the path of another YAML "
                               "file, relative to this one")
-        layers = yaml_layers(path.parent / parent, seen + (path.resolve(),))
+        target = path.parent / parent
+        if not os.path.lexists(target):
+            raise ConfigError(f"{shown(path)}: key 'inherit' names {shown(target)}, which does not exist")
+        layers = yaml_layers(target, seen + (os.path.realpath(path),))
     return layers + [Layer(shown(path), node, _dotted_keys(node))]
 
 
@@ -183,8 +195,28 @@ def check_values(obj: Any, source: str, layers: Sequence[Layer] = ()) -> None:
     is the layer that set it, else ``source``)."""
     problems = check_config(obj)
     if problems:
-        raise ConfigError("; ".join(f"{source_of(p.key, list(layers), source)}: key '{p.key}' = {short(p.value)} "
-                                    f"{p.why}" for p in problems))
+        raise ConfigError("; ".join(f"{_blamed(p.key, p.why, list(layers), source)}: key '{p.key}' = "
+                                    f"{short(p.value)} {p.why}" for p in problems))
+
+
+def _blamed(key: str, why: str, layers: list[Layer], default: str) -> str:
+    """The source of a bad value: the layer that set ``key``; for a cross-field rule on a key no layer set
+    (crop_size vs scale), the last layer that set a key the reason names."""
+    found = source_of(key, layers, "")
+    if found:
+        return found
+    for layer in reversed(layers):
+        if any(re.search(rf"\b{re.escape(k.rsplit('.', 1)[-1])}\b", why) for k in layer.keys):
+            return layer.label
+    return default
+
+
+@functools.cache
+def _defaults(schema: type) -> DictConfig:
+    """The schema's defaults as a read-only DictConfig, built once (it is the slow step; merges copy it)."""
+    node = OmegaConf.structured(schema)
+    OmegaConf.set_readonly(node, True)
+    return node
 
 
 def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
@@ -192,7 +224,7 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
     """Defaults of ``schema`` <- YAML at ``path`` <- ``key=value`` overrides; returns a checked ``schema``."""
     layers = yaml_layers(Path(path)) if path is not None else []
     layers += [override_layer(str(o)) for o in overrides]
-    merged = OmegaConf.structured(schema)
+    merged = _defaults(schema)
     for layer in layers:
         merged = _merge(merged, layer)
     default = "defaults" if not layers else layers[-1].label

@@ -32,6 +32,7 @@ COLOR_FIXES = ("adain", "wavelet", "none")
 METRICS = ("psnr", "ssim", "lpips", "dists", "fid", "niqe", "maniqa", "maniqa-pipal", "maniqa-kadid", "clipiqa",
            "musiq")
 DEVICE = ("auto", "cpu", "cuda")  # `device` rule: 'auto', 'cpu', 'cuda' or 'cuda:N'
+SEED = {"min": 0, "max": 2**32 - 1}  # what every RNG here takes (numpy's legacy seeds stop at 2**32)
 TIMESTEP = {"min": 0, "max": 999}  # Stable Diffusion's 1000 training timesteps
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from xpsr.config_rules import DEVICE, FUSION_MODES, METRICS, choice, doc
+from xpsr.config_rules import DEVICE, FUSION_MODES, METRICS, SEED, choice, doc
 
 
 @dataclass
@@ -24,7 +24,7 @@ class BenchConfig:
     gradient_checkpointing: bool = doc(False, "recompute activations in backward")
     compile: bool = doc(False, "torch.compile the UNet and ControlNet")
     fusion_mode: str = choice("sfa", FUSION_MODES, "fusion mode of the benchmarked model")
-    seed: int = doc(0, "random seed", min=0)
+    seed: int = doc(0, "random seed", **SEED)
     workers: int = doc(2, "worker processes of prepare and of the DataLoader (what=data, include_data=true)",
                       min=0)
     include_data: bool = doc(False, "what=train: batches from the DataLoader + text encoder (tiny preset only)")

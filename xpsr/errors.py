@@ -11,7 +11,14 @@ class XPSRError(Exception):
 class OutputError(XPSRError, OSError):
     """An output cannot be written (read-only or missing folder, a file where a folder should be, disk full).
 
-    Also an OSError, so code that already handles OSError keeps working."""
+    Also an OSError with the cause's ``errno``, so code that already handles OSError (a full disk) keeps
+    working."""
+
+    @classmethod
+    def of(cls, message: str, cause: OSError) -> "OutputError":
+        error = cls(message)
+        error.errno, error.strerror, error.filename = cause.errno, cause.strerror, cause.filename
+        return error
 
 
 def shown(path: str | os.PathLike | bytes | object) -> str:
@@ -21,3 +28,8 @@ def shown(path: str | os.PathLike | bytes | object) -> str:
     cannot print), newlines that would split a one-line error, or other control characters."""
     text = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else str(path)  # or a named stream
     return text if text.isprintable() else repr(text)
+
+
+def one_line(text: str) -> str:
+    """``text`` with every line break or other non-printable character escaped, so a message stays one line."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)

@@ -262,14 +262,14 @@ def save_png_atomic(array: np.ndarray, path: str | Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
     except OSError as e:
-        raise OutputError(f"cannot write into output folder {shown(path.parent)} ({e.strerror or e})") from e
+        raise OutputError.of(f"cannot write into output folder {shown(path.parent)} ({e.strerror or e})", e) from e
     os.close(fd)
     try:
         Image.fromarray(array).save(tmp, format="PNG", compress_level=1)
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"cannot write {shown(path)} ({e.strerror or e})") from e
+        raise OutputError.of(f"cannot write {shown(path)} ({e.strerror or e})", e) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

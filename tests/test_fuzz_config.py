@@ -25,7 +25,7 @@ from xpsr import cli
 from xpsr.config import describe
 from xpsr.config_rules import check_config
 
-EXAMPLES = int(os.environ.get("XPSR_FUZZ_EXAMPLES", 40))  # per subcommand and test
+EXAMPLES = int(os.environ.get("XPSR_FUZZ_EXAMPLES", 12))  # per subcommand and test
 FUZZ = settings(derandomize=True, database=None, deadline=None, max_examples=EXAMPLES,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 COMMANDS = sorted(cli.COMMANDS)

@@ -5,6 +5,7 @@ Every subcommand reads one config schema (xpsr/config.py); ``xpsr SUBCOMMAND --h
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Callable
@@ -197,6 +198,7 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def _help_epilog(schema: type) -> str:
     rows = describe(schema)
     width = max(len(k) for k, _, _ in rows)

@@ -225,8 +225,11 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
     layers = yaml_layers(Path(path)) if path is not None else []
     layers += [override_layer(str(o)) for o in overrides]
     merged = _defaults(schema)
-    for layer in layers:
-        merged = _merge(merged, layer)
+    try:  # one merge (each merge copies the whole tree); layer by layer only to name the one that fails
+        merged = OmegaConf.merge(merged, *(layer.node for layer in layers))
+    except (OmegaConfBaseException, ValueError, TypeError, RecursionError):
+        for layer in layers:
+            merged = _merge(merged, layer)
     default = "defaults" if not layers else layers[-1].label
     if allow_missing:  # validation of a config file whose mandatory keys come on the command line
         merged = OmegaConf.merge(merged, {k: "<set on the command line>" for k in OmegaConf.missing_keys(merged)})

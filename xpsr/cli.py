@@ -198,7 +198,7 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _help_epilog(schema: type) -> str:
     rows = describe(schema)
     width = max(len(k) for k, _, _ in rows)

@@ -20,6 +20,9 @@ class OutputError(XPSRError, OSError):
         error.errno, error.strerror, error.filename = cause.errno, cause.strerror, cause.filename
         return error
 
+    def __str__(self) -> str:  # our message, not OSError's "[Errno N] strerror: filename" built from the fields
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
+
 
 def shown(path: str | os.PathLike | bytes | object) -> str:
     """``path`` as a message shows it: as is when printable, else Python's quoted, escaped form.

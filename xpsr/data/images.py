@@ -244,7 +244,8 @@ def load_rgb(path: str | Path | BinaryIO, max_pixels: int = MAX_IMAGE_PIXELS) ->
     except UnidentifiedImageError as e:
         raise ImageError(f"{shown(path)}: not a readable image (formats read: {', '.join(FORMATS)})") from e
     except Image.DecompressionBombError as e:  # only when a caller's max_pixels is above Pillow's own limit
-        raise ImageError(f"{shown(path)}: over Pillow's decompression-bomb limit ({e})") from e
+        raise ImageError(f"{shown(path)}: {e} (decompression-bomb guard, Pillow's MAX_IMAGE_PIXELS); downscale "
+                         "or crop it first") from e
     except OSError as e:  # with an errno: the file system's answer (permission denied...); else Pillow's
         raise ImageError(f"{shown(path)}: cannot {'read' if e.errno else 'decode'} ({e.strerror or e})") from e
     except Exception as e:  # noqa: BLE001 - a corrupt file makes Pillow raise nearly anything (fuzzing found

@@ -84,7 +84,7 @@ BAD_VALUES = {  # key (where the schema has it) -> values that must all be refus
     "num_inference_steps": NOT_POSITIVE, "inference_steps": NOT_POSITIVE, "train_steps": NOT_POSITIVE,
     "steps": NOT_POSITIVE, "crop_size": NOT_POSITIVE + ["130"], "process_size": ["-512", "0"],
     "resolution": ["0", "-8", "12"], "scale": NOT_POSITIVE, "upscale": ["0", "-4"], "port": ["0", "70000"],
-    "metrics": ["[]", "[psnr, nope]"], "learning_rate": ["0", "-1e-4", ".nan", ".inf"], "latent_overlap": ["64"],
+    "metrics": ["[]", "[psnr, nope]"], "learning_rate": ["0", "-1e-4", ".nan", ".inf"], "latent_overlap": ["-1"],
     "degradation.stage1.kernel.sizes": ["[6]", "[]", "[-7]"], "degradation.stage1.jpeg_range": ["[200,300]",
                                                                                                  "[95,30]"],
     "degradation.stage1.kernel.kind_probs": ["[1, 1]", "[0,0,0,0,0,0]"], "degradation.final_sinc_prob": ["1.5"],
@@ -115,13 +115,14 @@ def test_known_bad_overrides_are_refused_naming_key_and_override(command):
 
 
 def test_the_probe_findings_are_refused():
-    """The nine values an earlier probe saw accepted silently, each refused with the key and the override."""
+    """Values an earlier probe saw accepted silently (or fail later), each refused naming key and override."""
     findings = [("train", ["output_dir=r", "checkpoint_every=0"]), ("infer", ["input=i", "output_dir=o",
                 "process_size=-512"]), ("prepare", ["output_dir=o", "workers=-3"]),
                 ("prepare", ["output_dir=o", "degradation.stage1.kernel.sizes=[7,8]"]),
                 ("prepare", ["output_dir=o", "degradation.stage2.jpeg_range=[200,300]"]),
                 ("eval", ["sr=s", "output_dir=o", "metrics=[]"]), ("prepare", ["output_dir=o", "crop_size=130"]),
-                ("bench", ["device=tpu"]), ("train", ["output_dir=r", "max_steps=-5"])]
+                ("bench", ["device=tpu"]), ("train", ["output_dir=r", "max_steps=-5"]),
+                ("infer", ["input=i", "output_dir=o", "latent_overlap=64"])]  # stride 1: a tile per latent
     for command, argv in findings:
         rc, err, _ = run_config_step(command, argv)
         key = argv[-1].split("=")[0]

@@ -14,12 +14,6 @@ from xpsr.config_rules import COLOR_FIXES, DEVICE, FUSION_MODES, METRICS, SCHEDU
 from xpsr.config_tools import BenchConfig, TablesConfig  # noqa: F401 - re-exported
 
 
-def _tile_overlap_problems(tile: int, overlap: int) -> list[tuple[str, str]]:
-    if tile and overlap >= tile:  # the tile stride (tile - overlap) would not advance
-        return [("latent_overlap", f"must be smaller than latent_tile ({tile})")]
-    return []
-
-
 @dataclass
 class ModelConfig:
     """What to build: the base Stable Diffusion parts and the XPSR additions."""
@@ -322,7 +316,9 @@ class InferConfig:
     quality_prompt: str = doc("", "prompts=fixed: quality prompt")
 
     def validate(self) -> list[tuple[str, str]]:
-        return _tile_overlap_problems(self.latent_tile, self.latent_overlap)
+        if self.latent_tile and self.latent_overlap >= self.latent_tile:  # stride 1: a tile per latent, very slow
+            return [("latent_overlap", f"must be smaller than latent_tile ({self.latent_tile})")]
+        return []
 
 
 @dataclass
@@ -363,7 +359,7 @@ class ServeConfig:
     process_size: int = doc(512, "as `xpsr infer process_size=`: small outputs are processed at this short side",
                             min=8)
     latent_tile: int = doc(64, "default latent tile of the tiling control (x8 px)", min=1)
-    latent_overlap: int = doc(16, "overlap of latent tiles (smaller than latent_tile)", min=0)
+    latent_overlap: int = doc(16, "overlap of latent tiles (at most half a tile is used)", min=0)
     vae_tile: int = doc(512, "VAE tile in px while tiling is on", min=8)
     untiled_max_side: int = doc(1024, "processing sizes with a longer side above this (px) are always tiled, "
                                       "whatever the tiling control says", min=8)
@@ -376,9 +372,6 @@ class ServeConfig:
                                               "null = the content prompt starts empty")
     output_dir: str | None = doc(None, "where result PNGs are written for download; null = a new temporary folder",
                                     nonempty=True)
-
-    def validate(self) -> list[tuple[str, str]]:
-        return _tile_overlap_problems(self.latent_tile, self.latent_overlap)
 
 
 @dataclass

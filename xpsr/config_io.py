@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from xpsr.config_rules import check_config, describe_rules
 from xpsr.errors import XPSRError, one_line, shown
@@ -230,15 +230,16 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
     except (OmegaConfBaseException, ValueError, TypeError, RecursionError):
         for layer in layers:
             merged = _merge(merged, layer)
-    default = "defaults" if not layers else layers[-1].label
     if allow_missing:  # validation of a config file whose mandatory keys come on the command line
         merged = OmegaConf.merge(merged, {k: "<set on the command line>" for k in OmegaConf.missing_keys(merged)})
     try:
         obj = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
+    except MissingMandatoryValue as e:
         key = str(getattr(e, "full_key", None) or getattr(e, "key", None))
-        raise ConfigError(f"{source_of(key, layers, default)}: key '{key}' needs a value "
-                          f"({first_line(e)})") from None
+        raise ConfigError(f"key '{key}' needs a value: give {key}=VALUE or set it in the config file") from None
+    except OmegaConfBaseException as e:  # e.g. an interpolation ${...} that does not resolve
+        key = str(getattr(e, "full_key", None) or getattr(e, "key", None))
+        raise ConfigError(f"{source_of(key, layers, 'defaults')}: key '{key}': {first_line(e)}") from None
     check_values(obj, "defaults", layers)
     return obj  # type: ignore[return-value]
 

@@ -230,7 +230,8 @@ class TrainConfig:
     content_prompt: str = choice("caption", ("caption", "empty"),
                                  "caption: the cached content prompt (paper); empty: '' (the official release)")
     dfc: DFCConfig = field(default_factory=DFCConfig)
-    checkpoint_every: int = doc(500, "write checkpoints/step-N every N steps", min=1)
+    checkpoint_every: int = doc(500, "write checkpoints/step-N every N steps (0 = none: only final/, "
+                                     "and the stop_at_step checkpoint)", min=0)
     checkpoints_total_limit: int | None = doc(3, "keep at most this many checkpoints (null = all)", min=1)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     report_to: str = choice("tensorboard", ("tensorboard", "wandb", "none"), "experiment logger")

@@ -21,7 +21,7 @@ def test_help_lists_every_key_with_defaults():
 
 def test_config_typo_exits_2_naming_the_key():
     proc = _run("-m", "xpsr.cli", "demo", "model.fusion_mod=sfa")
-    assert proc.returncode == 2 and "fusion_mod" in proc.stderr
+    assert proc.returncode == 1 and "fusion_mod" in proc.stderr
 
 
 def test_benchmark_script_emits_json():

@@ -68,3 +68,40 @@ def test_xpsr_data_recipe_matches_the_official_generation_script():
         0.8, [0.3, 0.4, 0.3], [0.3, 1.2], [1.0, 25.0], [0.05, 2.5])
     assert s1.gray_noise_prob == s2.gray_noise_prob == 0.4 and s1.jpeg_range == s2.jpeg_range == [30, 95]
     assert d.usm_gt
+
+
+@pytest.mark.parametrize("value, rules, why", [
+    (0, {"min": 1}, "must be >= 1"), (0.0, {"above": 0}, "must be > 0"), (1.0, {"below": 1}, "must be < 1"),
+    (101, {"max": 100}, "must be <= 100"), (8, {"odd": True}, "must be odd"), (12, {"multiple_of": 8}, "multiple of 8"),
+    ([], {"nonempty": True}, "must not be empty"), ("  ", {"nonempty": True}, "must not be empty"),
+    ([1, 2], {"length": 3}, "must have 3 values"), ([3, 1], {"ordered": True}, "[low, high]"),
+    ([0, 0], {"weights": True}, "not all 0"), ([1, -1], {"weights": True}, "none negative"),
+    (["a", "z"], {"each_of": ("a", "b")}, "has 'z', which is not one of ['a', 'b']"),
+    ([7, 6], {"odd": True}, "has 6, which must be odd"), ("gpu", {"device": ("auto", "cpu", "cuda")}, "not a device"),
+    ("cuda:x", {"device": ("cuda",)}, "not a device"),
+])
+def test_each_rule_refuses_what_it_should(value, rules, why):
+    from xpsr.config_rules import rule_problem
+
+    assert why in rule_problem(value, rules)
+
+
+@pytest.mark.parametrize("value, rules", [
+    (1, {"min": 1}), (None, {"min": 1, "nonempty": True}), ("cuda:1", {"device": ("auto", "cuda")}),
+    ("auto", {"device": ("auto", "cpu")}), ([1, 1], {"ordered": True}), ([0, 2], {"weights": True}),
+    ([7, 21], {"odd": True}),
+])
+def test_each_rule_accepts_what_it_should(value, rules):
+    from xpsr.config_rules import rule_problem
+
+    assert rule_problem(value, rules) is None
+
+
+def test_a_misspelt_rule_fails_at_import_and_help_shows_the_rules():
+    from xpsr.config_rules import doc
+
+    with pytest.raises(TypeError, match="minimum"):
+        doc(1, "x", minimum=1)
+    rows = {k: text for k, _, text in describe(SCHEMAS["data"])}
+    assert rows["degradation.stage1.kernel.sizes"].endswith("[>= 3, odd, not empty]")
+    assert rows["degradation.stage1.jpeg_range"].endswith("[>= 1, <= 100, [low, high]]")

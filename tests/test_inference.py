@@ -140,7 +140,7 @@ def test_tiled_equals_untiled_when_one_tile_covers(modules):
     z, lr = torch.randn(1, 4, 6, 6), torch.rand(1, 3, 48, 48)
     c, q = torch.randn(2, 77, 32), torch.randn(2, 77, 32)
     with torch.no_grad():
-        a = guided_noise(modules, z, torch.tensor(300), lr, c, q, _cfg(latent_tile=6))
+        a = guided_noise(modules, z, torch.tensor(300), lr, c, q, _cfg(latent_tile=6, latent_overlap=2))
         b = guided_noise(modules, z, torch.tensor(300), lr, c, q, _cfg(latent_tile=64))
         assert torch.allclose(a, b, atol=1e-6)
         img = torch.rand(1, 3, 48, 48) * 2 - 1

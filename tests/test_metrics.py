@@ -129,5 +129,9 @@ def test_clip_archive_with_the_wrong_checksum_is_refused(tmp_path):
 
 def test_unknown_metric_is_refused(tmp_path):
     sr_dir, hr_dir = _pair_dirs(tmp_path, n=1)
-    with pytest.raises(ValueError, match="unknown metrics"):
+    with pytest.raises(ValueError, match="'maniqa-imaginary', which is not one of"):  # by the config's rules
         evaluate(_cfg(tmp_path, sr_dir, hr_dir, metrics="[maniqa-imaginary]"))
+    from xpsr.config import METRICS
+    from xpsr.metrics.evaluate import VARIANTS
+
+    assert set(METRICS) == set(VARIANTS)  # the config's list of metric names is the evaluator's

@@ -53,8 +53,9 @@ def test_one_bad_input_skips_only_itself_also_in_worker_processes(tmp_path):
 
 def test_crop_sizes_that_are_not_a_multiple_of_the_scale_are_refused(tmp_path):
     src = make_sources(tmp_path / "src", n=1)
-    for crop, scale in ((130, 4), (2, 4)):
-        with pytest.raises(ValueError, match=f"crop_size={crop} is not a multiple of scale={scale}"):
+    for crop, scale in ((130, 4), (2, 4)):  # refused when the config is loaded, naming the override
+        with pytest.raises(ValueError, match=rf"override 'crop_size={crop}': key 'crop_size' = {crop} must be a "
+                                             rf"multiple of scale \({scale}\)"):
             prepare_pairs(prepare_config([src], tmp_path / "out", crop_size=crop, scale=scale))
     assert not (tmp_path / "out").exists()  # refused before anything is written
 

@@ -186,4 +186,4 @@ def test_clear_errors_for_bad_setups(tmp_path):
     proc = train("demo_data=false")
     assert proc.returncode == 1 and "`pairs` is empty" in proc.stderr
     proc = train("max_step=3")
-    assert proc.returncode == 2 and "max_step" in proc.stderr
+    assert proc.returncode == 1 and "max_step" in proc.stderr

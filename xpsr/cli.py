@@ -5,6 +5,7 @@ Every subcommand reads one config schema (xpsr/config.py); ``xpsr SUBCOMMAND --h
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Callable
@@ -197,6 +198,7 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
 }
 
 
+@functools.cache
 def _help_epilog(schema: type) -> str:
     rows = describe(schema)
     width = max(len(k) for k, _, _ in rows)
@@ -217,9 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     schema, fn, _ = COMMANDS[args.command]
     try:
         cfg = load_config(schema, args.config, args.overrides)
-    except ConfigError as e:
+    except ConfigError as e:  # exit 1 with one line, as every other problem with the user's input
         print(f"xpsr {args.command}: {e}", file=sys.stderr)
-        return 2
+        return 1
     from xpsr.errors import XPSRError
 
     try:

@@ -1,36 +1,17 @@
 """Configuration: dataclass schemas merged with YAML files and ``key=value`` overrides (OmegaConf).
 
-Every stage reads one schema. ``load_config(Schema, path, overrides)`` fails fast, naming the key and
-the file, on unknown keys, wrong types and values outside a field's ``choices``.
+Every stage reads one schema. ``load_config(Schema, path, overrides)`` (xpsr/config_io.py) fails fast, naming
+the key and the file or override, on unknown keys, wrong types and values against a field's rules (``min=1``,
+``odd=True``, ``device=DEVICE``...: xpsr/config_rules.py), declared next to the field; `--help` shows them.
 """
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-T = TypeVar("T")
-
-FUSION_MODES = ("sfa", "sequential", "content_only", "quality_only")
-
-
-class ConfigError(ValueError):
-    """A configuration file or override is wrong; the message names the key and where it came from."""
-
-
-def choice(default: str, choices: Sequence[str], doc: str) -> Any:
-    return field(default=default, metadata={"choices": tuple(choices), "doc": doc})
-
-
-def doc(default: Any, text: str) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": text})
-    return field(default=default, metadata={"doc": text})
+from xpsr.config_degradation import DegradationConfig, KernelConfig, StageConfig  # noqa: F401 - re-exported
+from xpsr.config_io import ConfigError, check_values, describe, load_config, to_dict  # noqa: F401 - re-exported
+from xpsr.config_rules import COLOR_FIXES, DEVICE, FUSION_MODES, METRICS, SCHEDULERS, SEED, TIMESTEP, choice, doc
+from xpsr.config_tools import BenchConfig, TablesConfig  # noqa: F401 - re-exported
 
 
 @dataclass
@@ -40,7 +21,8 @@ class ModelConfig:
     base: str = doc("tiny", "'tiny' (random tiny model built in code), a local diffusers folder, or a hub id")
     revision: str | None = doc(None, "hub revision when `base` is a hub id")
     fusion_mode: str = choice("sfa", FUSION_MODES, "how content and quality prompts meet (README: Fusion modes)")
-    sfa_down_blocks: list[int] | None = doc(None, "ControlNet down blocks with SFA; null = every cross-attention block")
+    sfa_down_blocks: list[int] | None = doc(None, "ControlNet down blocks with SFA; null = every cross-attention block",
+                                       min=0)
     sfa_mid: bool = doc(True, "SFA in the ControlNet mid block")
     unet_sfa: bool = doc(False, "also put SFA into the UNet's cross-attention blocks (not in the paper)")
     pixel_attention: bool = doc(True, "pixel-aware attention in every UNet up-block layer")
@@ -50,9 +32,10 @@ class ModelConfig:
     dfc_latent_heads: bool = doc(True, "one 3x3 conv per ControlNet residual to latent channels (latent-space DFC)")
     rrdb: bool = doc(False, "two RRDBs after the conditioning embedding's first conv, growth = its width, BasicSR's "
                             "0.1-scaled init (official `use_rrdb`)")
-    conditioning_channels: list[int] = doc([16, 32, 96, 256], "conditioning-embedding widths (3 stride-2 stages)")
+    conditioning_channels: list[int] = doc([16, 32, 96, 256], "conditioning-embedding widths (3 stride-2 stages)",
+                                     length=4, min=1)
     gradient_checkpointing: bool = doc(False, "recompute activations in backward (enabled after injection)")
-    seed: int = doc(0, "seed for the tiny preset and for freshly initialised XPSR weights")
+    seed: int = doc(0, "seed for the tiny preset and for freshly initialised XPSR weights", **SEED)
 
 
 @dataclass
@@ -60,93 +43,13 @@ class DemoConfig:
     """`xpsr demo`: the whole pipeline on bundled photos with the tiny model, on CPU, into one HTML report."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    output_dir: str = doc("xpsr_demo", "where pairs, prompts, the run, SR images, metrics and report.html go")
-    train_steps: int = doc(300, "training steps of the tiny model")
-    crop_size: int = doc(64, "HR crop size of the demo pairs")
-    inference_steps: int = doc(20, "denoising steps when super-resolving the held-out images")
-    seed: int = doc(0, "seed of everything")
+    output_dir: str = doc("xpsr_demo", "where pairs, prompts, the run, SR images, metrics and report.html go",
+                          nonempty=True)
+    train_steps: int = doc(300, "training steps of the tiny model", min=1)
+    crop_size: int = doc(64, "HR crop size of the demo pairs", min=16, multiple_of=8)
+    inference_steps: int = doc(20, "denoising steps when super-resolving the held-out images", min=1)
+    seed: int = doc(0, "seed of everything", **SEED)
 
-
-@dataclass
-class BenchConfig:
-    what: str = choice("train", ("train", "data", "infer"), "train: one training step (forward + backward + AdamW); "
-                       "data: prepare pairs/s, heuristic captions/s, dataset samples/s; infer: seconds per image")
-    preset: str = choice("tiny", ("tiny", "sd15", "sd21"), "model shapes; sd15/sd21 use random weights")
-    resolution: int = doc(64, "HR image size in pixels (latents are 1/8)")
-    batch_size: int = doc(2, "images per step")
-    steps: int = doc(5, "timed steps")
-    warmup: int = doc(2, "untimed steps first")
-    device: str = doc("auto", "'auto', 'cpu' or 'cuda'")
-    dtype: str = choice("fp32", ("fp32", "bf16", "fp16"), "autocast dtype of the forward (trainable weights stay fp32)")
-    frozen_unet_dtype: str = choice("fp32", ("fp32", "mixed_precision"),
-                                    "what=train: frozen UNet weights in fp32 (official) or in `dtype`")
-    deterministic: bool = doc(False, "what=train: deterministic GPU kernels, as `xpsr train deterministic=true`")
-    gradient_checkpointing: bool = doc(False, "recompute activations in backward")
-    compile: bool = doc(False, "torch.compile the UNet and ControlNet")
-    fusion_mode: str = choice("sfa", FUSION_MODES, "fusion mode of the benchmarked model")
-    seed: int = doc(0, "random seed")
-    workers: int = doc(2, "worker processes of prepare and of the DataLoader (what=data, include_data=true)")
-    include_data: bool = doc(False, "what=train: batches from the DataLoader + text encoder (tiny preset only)")
-    lr_size: int = doc(128, "what=infer: LR input size (output = 4x)")
-    tiled: bool = doc(True, "what=infer: tiled latent diffusion (64-latent tiles) and VAE (512 px encoder / "
-                            "64-latent decoder tiles)")
-    inference_steps: int = doc(20, "what=infer: denoising steps")
-
-
-@dataclass
-class KernelConfig:
-    """One blur stage's kernel sampler (Real-ESRGAN's random mixed kernels)."""
-
-    sizes: list[int] = doc([7, 9, 11, 13, 15, 17, 19, 21], "odd kernel sizes to choose from")
-    sinc_prob: float = doc(0.1, "probability of a sinc (ringing) kernel instead of a blur kernel")
-    kinds: list[str] = doc(["iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso"],
-                           "blur kernel kinds")
-    kind_probs: list[float] = doc([0.45, 0.25, 0.12, 0.03, 0.12, 0.03], "probability of each kind")
-    sigma: list[float] = doc([0.2, 3.0], "sigma range of Gaussian-type kernels")
-    betag: list[float] = doc([0.5, 4.0], "beta range of generalized Gaussian kernels")
-    betap: list[float] = doc([1.0, 2.0], "beta range of plateau kernels")
-
-
-@dataclass
-class StageConfig:
-    """One degradation stage: blur -> random resize -> noise -> JPEG."""
-
-    blur_prob: float = doc(1.0, "probability of blurring in this stage")
-    kernel: KernelConfig = field(default_factory=KernelConfig)
-    resize_prob: list[float] = doc([0.2, 0.7, 0.1], "probabilities of up / down / keep")
-    resize_range: list[float] = doc([0.15, 1.5], "resize factor range")
-    resize_modes: list[str] = doc(["area", "bilinear", "bicubic"], "interpolation modes, chosen uniformly")
-    gaussian_noise_prob: float = doc(0.5, "Gaussian noise, else Poisson noise")
-    noise_range: list[float] = doc([1.0, 30.0], "Gaussian noise sigma range (on the 0-255 scale)")
-    poisson_scale_range: list[float] = doc([0.05, 3.0], "Poisson noise scale range")
-    gray_noise_prob: float = doc(0.4, "probability that the noise is the same in all channels")
-    jpeg_prob: float = doc(1.0, "probability of JPEG compression in this stage")
-    jpeg_range: list[int] = doc([30, 95], "JPEG quality range")
-
-
-def _second_stage() -> "StageConfig":
-    return StageConfig(blur_prob=0.8, kernel=KernelConfig(sigma=[0.2, 1.5]), resize_prob=[0.3, 0.4, 0.3],
-                       resize_range=[0.3, 1.2], noise_range=[1.0, 25.0], poisson_scale_range=[0.05, 2.5])
-
-
-@dataclass
-class DegradationConfig:
-    """Real-ESRGAN second-order degradation; defaults are Real-ESRGAN's published ones."""
-
-    stage1: StageConfig = field(default_factory=StageConfig)
-    second_order_prob: float = doc(1.0, "probability of running the second stage at all")
-    stage2: StageConfig = field(default_factory=_second_stage)
-    final_sinc_prob: float = doc(0.8, "probability of the final sinc filter")
-    final_sinc_sizes: list[int] = doc([7, 9, 11, 13, 15, 17, 19, 21], "kernel sizes of the final sinc filter")
-    kernel_pad_to: int = doc(21, "every kernel is zero-padded to this size")
-    usm_gt: bool = doc(True, "unsharp-mask the HR crop (saved as the HR image)")
-    degrade_sharpened: bool = doc(True, "with usm_gt: degrade the sharpened crop (official make_train.py, "
-                                        "Real-ESRGAN); false = degrade the plain crop (recipe v1 order, ablation)")
-    jpeg_codec: str = choice("torch", ("torch", "opencv"), "'torch': BasicSR DiffJPEG's arithmetic with hard "
-                             "rounding and float quality (official); 'opencv': a real 8-bit codec, integer quality")
-    usm_weight: float = doc(0.5, "USM weight")
-    usm_radius: int = doc(50, "USM Gaussian size (made odd)")
-    usm_threshold: float = doc(10.0, "USM threshold on the 0-255 scale")
 
 
 @dataclass
@@ -154,30 +57,40 @@ class PrepareConfig:
     """`xpsr prepare`: HR folders -> hr/, lr/, manifest.jsonl, report.json."""
 
     inputs: list[str] = doc([], "HR image folders (searched recursively)")
-    output_dir: str = doc("???", "where hr/, lr/, manifest.jsonl and report.json go")
-    seed: int = doc(0, "global seed; every pair's randomness derives from (seed, source hash, crop, variant)")
-    scale: int = doc(4, "super-resolution factor")
-    crop_size: int = doc(512, "HR crop size in pixels")
-    crops_per_image: int = doc(1, "random crops per image and variant")
-    variants: int = doc(1, "degraded variants (epochs) per crop position")
+    output_dir: str = doc("???", "where hr/, lr/, manifest.jsonl and report.json go",
+                          nonempty=True)
+    seed: int = doc(0, "global seed; every pair's randomness derives from (seed, source hash, crop, variant)",
+                    **SEED)
+    scale: int = doc(4, "super-resolution factor", min=1)
+    crop_size: int = doc(512, "HR crop size in pixels (a multiple of `scale`)", min=1)
+    crops_per_image: int = doc(1, "random crops per image and variant", min=1)
+    variants: int = doc(1, "degraded variants (epochs) per crop position", min=1)
     test_set: bool = doc(False, "one crop per image (DIV2K-Val style) instead of crops_per_image random crops")
     test_crop: str = choice("centre", ("centre", "seeded"), "test_set crop position: the centre or a seeded one")
     small_images: str = choice("pad", ("pad", "skip"), "images smaller than the crop: reflect-pad or skip")
-    paired_hr: str | None = doc(None, "import an existing paired set: its HR folder")
-    paired_lr: str | None = doc(None, "import an existing paired set: its LR folder (paired by sorted name)")
-    workers: int = doc(0, "worker processes (0 = in-process)")
-    device: str = doc("cpu", "device for the torch degradation ops ('cpu', 'cuda')")
+    paired_hr: str | None = doc(None, "import an existing paired set: its HR folder", nonempty=True)
+    paired_lr: str | None = doc(None, "import an existing paired set: its LR folder (paired by sorted name)",
+                                  nonempty=True)
+    workers: int = doc(0, "worker processes (0 = in-process)", min=0)
+    device: str = doc("cpu", "device for the torch degradation ops ('cpu', 'cuda')",
+                      device=("cpu", "cuda"))
     share_draws_every: int = doc(1, "pairs per group sharing the official per-batch draws (make_train.py: 10; "
-                                    "groups: consecutive sources of the sorted input list, per crop and variant)")
+                                    "groups: consecutive sources of the sorted input list, per crop and variant)",
+                                 min=1)
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
+
+    def validate(self) -> list[tuple[str, str]]:
+        if self.crop_size % self.scale:  # else the LR crop is rounded: 130 px HR would get a 32 px LR
+            return [("crop_size", f"must be a multiple of scale ({self.scale})")]
+        return []
 
 
 @dataclass
 class CaptionConfig:
     """`xpsr caption`: write content or quality prompts of a folder of images into the prompt cache."""
 
-    images: str = doc("???", "folder of images to caption (recursive)")
-    cache: str = doc("???", "prompt cache file (SQLite)")
+    images: str = doc("???", "folder of images to caption (recursive)", nonempty=True)
+    cache: str = doc("???", "prompt cache file (SQLite)", nonempty=True)
     kind: str = choice("quality", ("content", "quality"), "which prompt this run writes")
     captioner: str = choice("heuristic", ("llava", "quality", "heuristic", "fixed", "empty"),
                             "llava / quality: an MLLM; heuristic: offline statistics; fixed/empty: ablations")
@@ -188,24 +101,25 @@ class CaptionConfig:
                                "prompt template with {question}; null = the processor's chat template")
     fixed_text: str = doc("", "text of the `fixed` captioner")
     image_source: str = choice("lr", ("lr", "hr"), "which image of a pair is captioned (recorded with the prompt)")
-    batch_size: int = doc(8, "images per generate call (halved automatically on out-of-memory)")
-    max_new_tokens: int = doc(77, "longest answer in tokens")
-    num_beams: int = doc(1, "1 = greedy decoding")
+    batch_size: int = doc(8, "images per generate call (halved automatically on out-of-memory)",
+                         min=1)
+    max_new_tokens: int = doc(77, "longest answer in tokens", min=1)
+    num_beams: int = doc(1, "1 = greedy decoding", min=1)
     dtype: str = choice("fp16", ("fp16", "bf16", "fp32"), "MLLM weights dtype (fp32 on CPU)")
-    device: str = doc("auto", "'auto' (the accelerate process's device), 'cpu', 'cuda'")
+    device: str = doc("auto", "'auto' (the accelerate process's device), 'cpu', 'cuda'", device=DEVICE)
     trust_remote_code: bool = doc(False, "allow models that ship their own code (only if you trust them)")
-    pause_s: float = doc(0.0, "sleep after each batch (shared machines, rate limits, crash tests)")
+    pause_s: float = doc(0.0, "sleep after each batch (shared machines, rate limits, crash tests)", min=0)
 
 
 @dataclass
 class CaptionExportConfig:
-    cache: str = doc("???", "prompt cache file")
-    output: str = doc("???", "JSONL file to write")
+    cache: str = doc("???", "prompt cache file", nonempty=True)
+    output: str = doc("???", "JSONL file to write", nonempty=True)
 
 
 @dataclass
 class CaptionImportConfig:
-    cache: str = doc("???", "prompt cache file (created if missing)")
+    cache: str = doc("???", "prompt cache file (created if missing)", nonempty=True)
     jsonl: str | None = doc(None, "JSONL written by caption-export")
     official_lr: str | None = doc(None, "official layout: an LR/ folder with highlevel_prompt/ and "
                                         "lowlevel_prompt_q/ beside it")
@@ -221,14 +135,17 @@ class DatasetConfig:
     content_captioner: str | None = doc(None, "captioner id of the content prompts; null = the newest per image")
     quality_captioner: str | None = doc(None, "captioner id of the quality prompts; null = the newest per image")
     missing_prompt: str = choice("error", ("error", "empty"), "a pair without a prompt: fail naming it, or use ''")
-    crop_size: int = doc(512, "HR training crop (a multiple of the scale); LR crop = crop_size / scale")
+    crop_size: int = doc(512, "HR training crop (a multiple of the scale); LR crop = crop_size / scale",
+                         min=8, multiple_of=8)
     hflip: bool = doc(True, "random horizontal flip (same for LR and HR)")
     original_image_ratio: float = doc(0.1, "probability of conditioning on the HR image itself, with its own "
-                                           "quality prompt (official `original_image_ratio`)")
-    content_dropout: float = doc(0.0, "probability of an empty content prompt (for classifier-free guidance)")
-    quality_dropout: float = doc(0.0, "probability of an empty quality prompt (for classifier-free guidance)")
+                                           "quality prompt (official `original_image_ratio`)", min=0, max=1)
+    content_dropout: float = doc(0.0, "probability of an empty content prompt (for classifier-free guidance)",
+                                  min=0, max=1)
+    quality_dropout: float = doc(0.0, "probability of an empty quality prompt (for classifier-free guidance)",
+                                  min=0, max=1)
     return_lr: bool = doc(False, "also return the native-size LR crop")
-    seed: int = doc(0, "seed of the per-sample randomness (crop, flip, dropout)")
+    seed: int = doc(0, "seed of the per-sample randomness (crop, flip, dropout)", **SEED)
     allow_old_recipe: bool = doc(False, "read pair folders made by an older `prepare` recipe (warning) "
                                         "instead of failing; README: Data")
     bad_manifest_lines: str = choice("error", ("error", "skip"),
@@ -242,7 +159,8 @@ class DatasetConfig:
 class DFCConfig:
     """Degradation-free constraint terms of the training loss."""
 
-    weight: float = doc(0.05, "lambda: every DFC term is multiplied by it (paper and official code: 0.05)")
+    weight: float = doc(0.05, "lambda: every DFC term is multiplied by it (paper and official code: 0.05)",
+                        min=0)
     pixel: bool = doc(True, "pixel-space terms (RGB side outputs vs resized HR)")
     latent: bool = doc(True, "latent-space terms (latent heads vs resized HR latents)")
     latent_scales: str = choice("all", ("all", "paper"),
@@ -256,17 +174,18 @@ class ValidationConfig:
     (an `xpsr infer` YAML; null = InferConfig's defaults, the official test config), then the sampling keys
     below on top. Their defaults are the official validation (train.py `log_validation` + xpsr_valid.yaml)."""
 
-    every: int = doc(0, "validate every N steps (0 = never)")
-    num_images: int = doc(2, "validation pairs, taken in order from the first data folder")
+    every: int = doc(0, "validate every N steps (0 = never)", min=0)
+    num_images: int = doc(2, "validation pairs, taken in order from the first data folder", min=1)
     infer_config: str | None = doc(None, "an `xpsr infer` YAML for prompts, resize, tiling, colour fix...; "
                                          "null = InferConfig defaults (the official test config)")
-    scheduler: str = doc("unipc", "sampler, as `xpsr infer scheduler=` (official validation: UniPC)")
-    num_inference_steps: int = doc(20, "sampling steps (official: 20)")
+    scheduler: str = choice("unipc", SCHEDULERS, "sampler, as `xpsr infer scheduler=` (official validation: UniPC)")
+    num_inference_steps: int = doc(20, "sampling steps (official: 20)", min=1)
     guidance_scale: float = doc(5.5, "classifier-free guidance (paper 5.5; official validation config 4.5)")
-    start_from: str = doc("lr", "initial latent, as `xpsr infer start_from=` (official: the LR latent, twice noised)")
+    start_from: str = choice("lr", ("lr", "sdedit", "noise"), "initial latent, as `xpsr infer start_from=` "
+                             "(official: the LR latent, twice noised)")
     added_noise_level: int = doc(400, "timestep of the second noising of the LR latent (official validation: 400; "
-                                      "official test: 800)")
-    color_fix: str = doc("none", "colour fix, as `xpsr infer color_fix=` (official validation: none)")
+                                      "official test: 800)", **TIMESTEP)
+    color_fix: str = choice("none", COLOR_FIXES, "colour fix, as `xpsr infer color_fix=` (official validation: none)")
     use_ema: bool = doc(True, "sample with the EMA weights when EMA is on")
 
 
@@ -277,24 +196,25 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DatasetConfig = field(default_factory=DatasetConfig)
     demo_data: bool = doc(False, "make a small dataset from bundled sample photos under output_dir (tiny recipe)")
-    output_dir: str = doc("???", "run directory: checkpoints/, final/, logs/, samples/, config.yaml")
-    max_steps: int = doc(1000, "optimizer steps")
+    output_dir: str = doc("???", "run directory: checkpoints/, final/, logs/, samples/, config.yaml",
+                          nonempty=True)
+    max_steps: int = doc(1000, "optimizer steps", min=1)
     stop_at_step: int | None = doc(None, "end this session at this step with a checkpoint (time-limited jobs); "
-                                         "the LR schedule still targets max_steps; resume=latest continues")
+                                         "the LR schedule still targets max_steps; resume=latest continues", min=1)
     seed: int = doc(0, "seed of noise, timesteps, fresh weights, demo data and the global RNGs (the data "
-                       "order and crops have their own `data.seed`)")
-    resume: str | None = doc(None, "'latest', a checkpoint folder, or null")
-    batch_size: int = doc(2, "images per process per micro-step")
-    gradient_accumulation_steps: int = doc(1, "micro-steps per optimizer step")
-    learning_rate: float = doc(5e-5, "AdamW learning rate")
+                       "order and crops have their own `data.seed`)", **SEED)
+    resume: str | None = doc(None, "'latest', a checkpoint folder, or null", nonempty=True)
+    batch_size: int = doc(2, "images per process per micro-step", min=1)
+    gradient_accumulation_steps: int = doc(1, "micro-steps per optimizer step", min=1)
+    learning_rate: float = doc(5e-5, "AdamW learning rate", above=0)
     lr_scheduler: str = choice("constant", ("constant", "constant_with_warmup", "linear", "cosine"), "LR schedule")
-    lr_warmup_steps: int = doc(0, "warm-up steps of the schedule")
-    adam_beta1: float = doc(0.9, "AdamW beta1")
-    adam_beta2: float = doc(0.999, "AdamW beta2")
-    adam_weight_decay: float = doc(1e-2, "AdamW weight decay")
-    adam_epsilon: float = doc(1e-8, "AdamW epsilon")
+    lr_warmup_steps: int = doc(0, "warm-up steps of the schedule", min=0)
+    adam_beta1: float = doc(0.9, "AdamW beta1", min=0, below=1)
+    adam_beta2: float = doc(0.999, "AdamW beta2", min=0, below=1)
+    adam_weight_decay: float = doc(1e-2, "AdamW weight decay", min=0)
+    adam_epsilon: float = doc(1e-8, "AdamW epsilon", above=0)
     use_8bit_adam: bool = doc(False, "bitsandbytes AdamW8bit (needs a CUDA build of bitsandbytes)")
-    max_grad_norm: float = doc(1.0, "gradient clipping (0 = off)")
+    max_grad_norm: float = doc(1.0, "gradient clipping (0 = off)", min=0)
     mixed_precision: str = choice("fp32", ("fp32", "fp16", "bf16"), "autocast dtype of the forward; the frozen VAE and "
                                   "text encoder are stored in it (trainable weights stay fp32)")
     frozen_unet_dtype: str = choice("fp32", ("fp32", "mixed_precision"),
@@ -306,30 +226,31 @@ class TrainConfig:
     allow_tf32: bool = doc(False, "TF32 matmuls on Ampere+ GPUs")
     compile: bool = doc(False, "torch.compile the UNet and ControlNet")
     use_ema: bool = doc(False, "keep an exponential moving average of the trainable weights")
-    ema_decay: float = doc(0.9999, "EMA decay")
+    ema_decay: float = doc(0.9999, "EMA decay", min=0, max=1)
     content_prompt: str = choice("caption", ("caption", "empty"),
                                  "caption: the cached content prompt (paper); empty: '' (the official release)")
     dfc: DFCConfig = field(default_factory=DFCConfig)
-    checkpoint_every: int = doc(500, "write checkpoints/step-N every N steps")
-    checkpoints_total_limit: int | None = doc(3, "keep at most this many checkpoints (null = all)")
+    checkpoint_every: int = doc(500, "write checkpoints/step-N every N steps (0 = none: only final/, "
+                                     "and the stop_at_step checkpoint)", min=0)
+    checkpoints_total_limit: int | None = doc(3, "keep at most this many checkpoints (null = all)", min=1)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     report_to: str = choice("tensorboard", ("tensorboard", "wandb", "none"), "experiment logger")
-    log_every: int = doc(10, "log losses every N steps")
-    num_workers: int = doc(2, "DataLoader workers")
-    device: str = doc("auto", "'auto' (accelerate decides), or 'cpu' to force the CPU")
+    log_every: int = doc(10, "log losses every N steps", min=1)
+    num_workers: int = doc(2, "DataLoader workers", min=0)
+    device: str = doc("auto", "'auto' (accelerate decides), or 'cpu' to force the CPU", device=("auto", "cpu"))
 
 
 @dataclass
 class InferConfig:
     """`xpsr infer`: LR images -> SR images."""
 
-    input: str = doc("???", "an LR image or a folder of them (recursive)")
-    output_dir: str = doc("???", "where SR images go, named like the inputs (.png)")
+    input: str = doc("???", "an LR image or a folder of them (recursive)", nonempty=True)
+    output_dir: str = doc("???", "where SR images go, named like the inputs (.png)", nonempty=True)
     model: ModelConfig = field(default_factory=ModelConfig)
     weights: str | None = doc(None, "our trained .safetensors, a run dir (final/), an exported folder, an "
                                     "official XPSR folder; null = the freshly built model (tiny smoke tests)")
-    scheduler: str = choice("ddpm", ("ddpm", "ddim", "unipc", "dpmsolver++"), "sampler (official test: DDPM)")
-    num_inference_steps: int = doc(20, "denoising steps (official: 20)")
+    scheduler: str = choice("ddpm", SCHEDULERS, "sampler (official test: DDPM)")
+    num_inference_steps: int = doc(20, "denoising steps (official: 20)", min=1)
     guidance_scale: float = doc(4.5, "classifier-free guidance (official test config 4.5; paper 5.5)")
     conditioning_scale: float = doc(1.0, "ControlNet residual scale")
     added_prompt: str = doc("clean, high-resolution, 8k, high quality, clear text.",
@@ -345,43 +266,47 @@ class InferConfig:
                             "start_from=lr|sdedit: the LR latent is a sample of the VAE posterior drawn with the "
                             "seeded generator (official: latent_dist.sample), or its mean")
     added_noise_level: int = doc(800, "start_from=lr: timestep of the second noising; start_from=sdedit: the "
-                                      "timestep sampling starts at (the first scheduled one at or below it)")
-    upscale: int = doc(4, "output = upscale x input")
+                                      "timestep sampling starts at (the first scheduled one at or below it)",
+                                **TIMESTEP)
+    upscale: int = doc(4, "output = upscale x input", min=1)
     resize: str = choice("pil", ("pil", "torch"),
                          "pil (official test script): 8-bit PIL bicubic x upscale, PIL bilinear up to process_size, "
                          "and PIL bicubic back to the output size; torch: one float bicubic resize each way")
     process_size: int = doc(512, "outputs whose short side is smaller are processed with this short side (sizes "
-                                 "rounded down to multiples of 8, as the official script), then resized back")
-    color_fix: str = choice("adain", ("adain", "wavelet", "none"), "colour correction against the LR (official: adain)")
+                                 "rounded down to multiples of 8, as the official script), then resized back",
+                                 min=8)
+    color_fix: str = choice("adain", COLOR_FIXES, "colour correction against the LR (official: adain)")
     color_fix_8bit: bool = doc(False, "as the official test script: the SR rounded to 8 bits before the colour fix "
                                       "and the fixed image truncated to 8 bits after it (its ToPILImage); false: "
                                       "the fix on floats, rounded once at the end")
-    seed: int = doc(0, "seed of the initial noise and the sampler")
+    seed: int = doc(0, "seed of the initial noise and the sampler", **SEED)
     dtype: str = choice("fp32", ("fp32", "fp16", "bf16"), "weights and compute dtype")
-    device: str = doc("auto", "'auto' (the accelerate process's device), 'cpu', 'cuda'")
+    device: str = doc("auto", "'auto' (the accelerate process's device), 'cpu', 'cuda'", device=DEVICE)
     latent_tile: int = doc(64, "latent tile size (x8 px); larger latents are denoised tile by tile (see "
-                               "latent_tiling); 0 = never tile")
-    latent_overlap: int = doc(16, "overlap of latent tiles")
+                               "latent_tiling); 0 = never tile", min=0)
+    latent_overlap: int = doc(16, "overlap of latent tiles (smaller than latent_tile)", min=0)
     latent_tiling: str = choice("ours", ("ours", "official"),
                                 "ours: tile when a side exceeds latent_tile, Gaussian weights sigma = tile/4; "
                                 "official: the official pipeline's rule (tile only when h*w > latent_tile^2, "
                                 "square tiles, its weights; official values latent_tile=320 latent_overlap=8)")
     vae_tile: int = doc(1024, "VAE encoder tile in px (official encoder_tiled_size 1024), padded by the encoder's "
                               "receptive field (120 px for SD's VAE); images up to tile + 2 x padding (1264 px "
-                              "for SD's VAE; the official tiles above 1088) are encoded whole; 0 = never tile")
+                              "for SD's VAE; the official tiles above 1088) are encoded whole; 0 = never tile",
+                     min=0)
     vae_decoder_tile: int = doc(224, "VAE decoder tile in latents (official decoder_tiled_size 224), padded by "
                                      "the decoder's receptive field (18 latents for SD's VAE); latents up to "
                                      "tile + 2 x padding (260 for SD's VAE; the official tiles above 246) are "
-                                     "decoded whole; 0 = never tile")
+                                     "decoded whole; 0 = never tile", min=0)
     vae_tile_attention: str = choice("global", ("global", "tile"),
                                      "tiled VAE mid-block attention. global: every tile attends to the keys/values "
                                      "of the whole image (exact; keeps them in memory); tile: attends within its "
                                      "padded tile, as the official tiled VAE (approximate)")
     vae_tile_cache_mb: int = doc(2048, "tiled VAE: MB of tile states kept between the whole-image GroupNorm "
-                                       "sweeps; beyond it tiles are recomputed (slower, memory stays bounded)")
+                                       "sweeps; beyond it tiles are recomputed (slower, memory stays bounded)",
+                                min=0)
     prompts: str = choice("cache", ("cache", "fixed"), "cache: prompts of each input from the prompt cache; "
                           "fixed: `prompt`/`quality_prompt` for every image")
-    cache: str | None = doc(None, "prompt cache file (prompts=cache)")
+    cache: str | None = doc(None, "prompt cache file (prompts=cache)", nonempty=True)
     caption_first: list[str] = doc([], "caption configs (e.g. configs/caption/llava_content.yaml, "
                                        "llava_quality.yaml) run on the inputs into `cache` before SR; already "
                                        "cached images are skipped, and the captioners are freed before SR starts. "
@@ -391,6 +316,11 @@ class InferConfig:
     prompt: str = doc("", "prompts=fixed: content prompt")
     quality_prompt: str = doc("", "prompts=fixed: quality prompt")
 
+    def validate(self) -> list[tuple[str, str]]:
+        if self.latent_tile and self.latent_overlap >= self.latent_tile:  # stride 1: a tile per latent, very slow
+            return [("latent_overlap", f"must be smaller than latent_tile ({self.latent_tile})")]
+        return []
+
 
 @dataclass
 class ExportConfig:
@@ -398,8 +328,9 @@ class ExportConfig:
 
     weights: str = doc("???", "a training run dir (final/trained.safetensors), a checkpoint folder "
                               "(checkpoints/step-N), a trained .safetensors file, an official XPSR folder "
-                              "(imported), or an exported folder")
-    output: str = doc("???", "the folder to write (model_index.json, components, README.md model card)")
+                              "(imported), or an exported folder", nonempty=True)
+    output: str = doc("???", "the folder to write (model_index.json, components, README.md model card)",
+                     nonempty=True)
     model: ModelConfig = field(default_factory=ModelConfig)
     overwrite: bool = doc(False, "write into an output folder that already has files")
     license: str | None = doc(None, "model card `license` (a Hub licence id); null: apache-2.0 for the tiny "
@@ -415,62 +346,50 @@ class ServeConfig:
     """`xpsr serve`: a web app (Gradio) that super-resolves uploaded images; control defaults below."""
 
     host: str = doc("127.0.0.1", "address to listen on (0.0.0.0 exposes the app to the network)")
-    port: int = doc(7860, "port to listen on")
+    port: int = doc(7860, "port to listen on", min=1, max=65535)
     model: ModelConfig = field(default_factory=ModelConfig)
     weights: str | None = doc(None, "as `xpsr infer weights=`; null = the freshly built model (tiny, no downloads)")
-    device: str = doc("auto", "'auto' (cuda if available), 'cpu', 'cuda'")
+    device: str = doc("auto", "'auto' (cuda if available), 'cpu', 'cuda'", device=DEVICE)
     dtype: str = choice("fp32", ("fp32", "fp16", "bf16"), "weights and compute dtype")
-    scheduler: str = choice("ddpm", ("ddpm", "ddim", "unipc", "dpmsolver++"), "sampler (official test: DDPM)")
-    num_inference_steps: int = doc(20, "default of the steps control")
+    scheduler: str = choice("ddpm", SCHEDULERS, "sampler (official test: DDPM)")
+    num_inference_steps: int = doc(20, "default of the steps control", min=1)
     guidance_scale: float = doc(4.5, "default of the guidance control")
-    seed: int = doc(0, "default of the seed control")
-    color_fix: str = choice("adain", ("adain", "wavelet", "none"), "default of the colour-fix control")
-    upscale: int = doc(4, "default of the upscale control (1-8)")
-    process_size: int = doc(512, "as `xpsr infer process_size=`: small outputs are processed at this short side")
-    latent_tile: int = doc(64, "default latent tile of the tiling control (x8 px)")
-    latent_overlap: int = doc(16, "overlap of latent tiles")
-    vae_tile: int = doc(512, "VAE tile in px while tiling is on")
+    seed: int = doc(0, "default of the seed control", **SEED)
+    color_fix: str = choice("adain", COLOR_FIXES, "default of the colour-fix control")
+    upscale: int = doc(4, "default of the upscale control (1-8)", min=1, max=8)
+    process_size: int = doc(512, "as `xpsr infer process_size=`: small outputs are processed at this short side",
+                            min=8)
+    latent_tile: int = doc(64, "default latent tile of the tiling control (x8 px)", min=1)
+    latent_overlap: int = doc(16, "overlap of latent tiles (at most half a tile is used)", min=0)
+    vae_tile: int = doc(512, "VAE tile in px while tiling is on", min=8)
     untiled_max_side: int = doc(1024, "processing sizes with a longer side above this (px) are always tiled, "
-                                      "whatever the tiling control says")
+                                      "whatever the tiling control says", min=8)
     max_output_pixels: int = doc(4096 * 4096, "uploads whose output (input x upscale) has more pixels are refused "
-                                              "with a message (checked from the file header, before decoding)")
-    max_file_mb: int = doc(50, "largest upload in MB (Gradio refuses bigger files)")
+                                              "with a message (checked from the file header, before decoding)",
+                                  min=1)
+    max_file_mb: int = doc(50, "largest upload in MB (Gradio refuses bigger files)", min=1)
     content_captioner: str | None = doc(None, "caption config (kind=content) that fills the content prompt, e.g. "
                                               "configs/caption/llava_content.yaml, loaded once on first use; "
                                               "null = the content prompt starts empty")
-    output_dir: str | None = doc(None, "where result PNGs are written for download; null = a new temporary folder")
+    output_dir: str | None = doc(None, "where result PNGs are written for download; null = a new temporary folder",
+                                    nonempty=True)
 
 
 @dataclass
 class EvalConfig:
     """`xpsr eval`: SR folder (vs HR folder) -> metrics.csv, summary.json, table.md."""
 
-    sr: str = doc("???", "folder of SR images")
-    hr: str | None = doc(None, "folder of HR images (paired by sorted name); needed by full-reference metrics")
-    output_dir: str = doc("???", "where metrics.csv, summary.json, table.md and the per-image cache go")
+    sr: str = doc("???", "folder of SR images", nonempty=True)
+    hr: str | None = doc(None, "folder of HR images (paired by sorted name); needed by full-reference metrics",
+                          nonempty=True)
+    output_dir: str = doc("???", "where metrics.csv, summary.json, table.md and the per-image cache go",
+                          nonempty=True)
     metrics: list[str] = doc(["psnr", "ssim", "lpips", "dists", "fid", "niqe", "maniqa", "clipiqa", "musiq"],
-                             "metrics to compute")
-    crop_border: int = doc(0, "pixels cropped at each border for PSNR/SSIM (0 = official)")
+                             "metrics to compute", nonempty=True, each_of=METRICS)
+    crop_border: int = doc(0, "pixels cropped at each border for PSNR/SSIM (0 = official)", min=0)
     weights_dir: str | None = doc(None, "folder of metric weight files (else $XPSR_METRIC_WEIGHTS)")
-    device: str = doc("auto", "'auto', 'cpu' or 'cuda'")
+    device: str = doc("auto", "'auto', 'cpu' or 'cuda'", device=DEVICE)
     label: str | None = doc(None, "name of this result in tables (default: the SR folder's name)")
-
-
-@dataclass
-class TablesConfig:
-    """`xpsr tables`: our eval folders side by side (ablations), optionally beside the paper's numbers."""
-
-    runs: dict[str, str] = doc({}, "label -> `xpsr eval` output folder, e.g. runs.sfa=eval/sfa")
-    metrics: list[str] = doc(["psnr", "ssim", "lpips", "dists", "fid", "niqe", "maniqa", "clipiqa", "musiq"],
-                             "columns")
-    compare: str | None = doc(None, "'paper' to add the published rows")
-    dataset: str | None = doc(None, "which published table: DIV2K-Val, RealSR, DRealSR")
-    output_dir: str = doc("???", "where table.md and pd_scatter.png go")
-    distortion: str = doc("psnr", "x axis of the perception-distortion plot")
-    perception: str = doc("lpips", "y axis of the perception-distortion plot; also picks the images of the "
-                                   "visual comparison (largest spread across runs)")
-    visual_images: int = doc(4, "rows of visual.png (side-by-side crops of every run's SR and the HR); 0 = none")
-    visual_crop: int = doc(192, "crop size in px of visual.png, placed where the runs differ most")
 
 
 # configs/<folder>/*.yaml are validated against these schemas (tests load every file).
@@ -478,80 +397,3 @@ SCHEMAS: dict[str, type] = {"model": ModelConfig, "demo": DemoConfig, "bench": B
                            "data": PrepareConfig, "caption": CaptionConfig, "train": TrainConfig,
                            "infer": InferConfig, "eval": EvalConfig, "serve": ServeConfig}
 
-
-def _check_choices(obj: Any, source: str, prefix: str = "") -> None:
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value):
-            _check_choices(value, source, key + ".")
-        elif "choices" in f.metadata and value not in f.metadata["choices"]:
-            raise ConfigError(f"{source}: key '{key}' = {value!r} is not one of {list(f.metadata['choices'])}")
-
-
-def _load_with_inherit(path: Path, seen: tuple = ()) -> Any:
-    """A YAML file; its optional top-level ``inherit: OTHER.yaml`` (relative to it) is loaded first."""
-    if path in seen:
-        raise ConfigError(f"{path}: `inherit` loops back to itself")
-    node = OmegaConf.load(path)
-    parent = node.pop("inherit", None) if isinstance(node, DictConfig) else None
-    if parent is None:
-        return node
-    parent_path = (path.parent / str(parent)).resolve()
-    if not parent_path.is_file():
-        raise ConfigError(f"{path}: inherit target {parent_path} does not exist")
-    return OmegaConf.merge(_load_with_inherit(parent_path, seen + (path,)), node)
-
-
-def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
-                allow_missing: bool = False) -> T:
-    """Defaults of ``schema`` <- YAML at ``path`` <- ``key=value`` overrides; returns a ``schema`` instance."""
-    merged = OmegaConf.structured(schema)
-    source = "defaults"
-    try:
-        if path is not None:
-            path = Path(path)
-            source = str(path)
-            if not path.is_file():
-                raise ConfigError(f"config file {path} does not exist")
-            merged = OmegaConf.merge(merged, _load_with_inherit(path))
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"overrides must look like key=value, got {bad}")
-        if overrides:
-            source = f"{source} + overrides {list(overrides)}" if path else f"overrides {list(overrides)}"
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or getattr(e, "key", None)
-        reason = str(e).splitlines()[0]
-        raise ConfigError(f"{source}: bad key '{key}': {reason}") from None
-    if allow_missing:  # validation of a config file whose mandatory keys come on the command line
-        merged = OmegaConf.merge(merged, {k: "<set on the command line>" for k in OmegaConf.missing_keys(merged)})
-    try:
-        obj = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or getattr(e, "key", None)
-        raise ConfigError(f"{source}: key '{key}' needs a value ({str(e).splitlines()[0]})") from None
-    _check_choices(obj, source)
-    return obj  # type: ignore[return-value]
-
-
-def to_dict(cfg: Any) -> dict:
-    """A plain, JSON-serialisable dict of a config dataclass."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
-
-
-def describe(schema: type, prefix: str = "") -> list[tuple[str, Any, str]]:
-    """(key, default, doc) for every leaf of ``schema``: what `--help` prints."""
-    rows = []
-    for f in dataclasses.fields(schema):
-        key = f"{prefix}{f.name}"
-        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory()):
-            rows += describe(type(f.default_factory()), key + ".")
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        text = f.metadata.get("doc", "")
-        if "choices" in f.metadata:
-            text += f" {{{'|'.join(f.metadata['choices'])}}}"
-        rows.append((key, default, text))
-    return rows

@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 
-from xpsr.config import InferConfig, ModelConfig, _check_choices, to_dict
+from xpsr.config import InferConfig, ModelConfig, check_values, to_dict
 from xpsr.inference.pipeline import super_resolve
 from xpsr.models.checkpoint import export_diffusers, load_exported_part
 from xpsr.models.controlnet import XPSRControlNet
@@ -98,7 +98,7 @@ def infer_config(**options: Any) -> InferConfig:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ValueError(f"XPSRPipeline option {getattr(e, 'key', '')!r}: {str(e).splitlines()[0]}") from None
-    _check_choices(cfg, "XPSRPipeline options")
+    check_values(cfg, "XPSRPipeline options")
     return cfg
 
 

@@ -304,8 +304,12 @@ class TrainConfig:
     content_prompt: str = choice("caption", ("caption", "empty"),
                                  "caption: the cached content prompt (paper); empty: '' (the official release)")
     dfc: DFCConfig = field(default_factory=DFCConfig)
-    checkpoint_every: int = doc(500, "write checkpoints/step-N every N steps")
-    checkpoints_total_limit: int | None = doc(3, "keep at most this many checkpoints (null = all)")
+    checkpoint_every: int = doc(500, "write checkpoints/step-N every N steps; 0 = never (warns: only stop_at_step "
+                                     "and the final weights are written, an interrupted run starts over)")
+    checkpoints_total_limit: int | None = doc(3, "keep at most this many valid checkpoints, at least 1 (null = all); "
+                                                 "damaged ones are never deleted")
+    checkpoint_hashes: bool = doc(True, "record every checkpoint file's sha256 in its checksums.json and check them "
+                                        "before resuming (sizes are always checked); false skips the hashing")
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     report_to: str = choice("tensorboard", ("tensorboard", "wandb", "none"), "experiment logger")
     log_every: int = doc(10, "log losses every N steps")

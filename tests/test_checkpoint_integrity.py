@@ -187,3 +187,20 @@ def test_checkpoint_every_zero_warns_and_limits_below_one_are_refused():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_checkpoint_settings(TrainConfig(output_dir="x", checkpoint_every=5, checkpoints_total_limit=1))
+
+
+def test_a_restart_removes_only_the_temp_files_an_interrupted_save_left(tmp_path):
+    from xpsr.training.integrity import write_text_atomic
+
+    write_text_atomic(tmp_path / "config.yaml", "seed: 1\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]  # the temp copy was renamed over it
+    left = [tmp_path / ".tmp-config.yaml", tmp_path / "checkpoints" / ".tmp-step-7" / "optimizer.pt",
+            tmp_path / "final" / ".tmp-abc.safetensors", tmp_path / "logs" / ".tmp-losses.jsonl"]
+    kept = [tmp_path / ".tmp-notes.txt", tmp_path / "checkpoints" / "step-6" / ".tmp-x", tmp_path / "logs" / "a.log"]
+    for path in left + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("half")
+    removed = checkpointing.remove_stale_temp(tmp_path)
+    assert sorted(removed) == sorted([left[0], left[1].parent, *left[2:]])
+    assert all(p.exists() for p in kept) and not any(p.exists() for p in left)
+    assert (tmp_path / "config.yaml").read_text() == "seed: 1\n"

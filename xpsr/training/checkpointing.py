@@ -33,9 +33,11 @@ from xpsr.training.integrity import (
     is_disk_full,
     verify_checkpoint,
     write_manifest,
+    write_text_atomic,
 )
 
 TEMP_PREFIX = ".tmp-"
+RUN_FILES = ("config.yaml", "environment.json")  # written at the top of the run dir at each start
 
 
 @dataclass
@@ -249,11 +251,15 @@ def prune_checkpoints(output_dir: Path, keep: int | None) -> None:
 
 
 def remove_stale_temp(output_dir: Path) -> list[Path]:
-    """Remove what an interrupted save left behind (``.tmp-*`` under checkpoints/, final/, logs/); these
-    names are only ever written by this module, ``_atomic_save`` and :func:`keep_log_until`."""
+    """Remove what an interrupted save left behind: ``.tmp-*`` under checkpoints/, final/, logs/ (names
+    only ever written by this module, ``_atomic_save`` and ``write_text_atomic``) and the temp copies of
+    the run files beside them."""
     removed = []
+    leftovers = [output_dir / f"{TEMP_PREFIX}{name}" for name in RUN_FILES]
     for folder in ("checkpoints", "final", "logs"):
-        for path in sorted((output_dir / folder).glob(f"{TEMP_PREFIX}*")):
+        leftovers += sorted((output_dir / folder).glob(f"{TEMP_PREFIX}*"))
+    for path in leftovers:
+        if path.exists() or path.is_symlink():
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             else:
@@ -283,12 +289,7 @@ def keep_log_until(path: Path, step: int) -> str | None:
             later += 1
     if not (later or unreadable):
         return None
-    tmp = path.with_name(f"{TEMP_PREFIX}{path.name}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(kept))
     return (f"{path}: dropped {later} rows after step {step} (this session logs them again) and {unreadable} "
             f"unreadable rows")
 

@@ -36,7 +36,7 @@ from xpsr.training.checkpointing import (
     warn_if_schedule_changes,
 )
 from xpsr.training.determinism import deterministic_mode, seed_everything
-from xpsr.training.integrity import CheckpointWarning, disk_full_is_an_error
+from xpsr.training.integrity import CheckpointWarning, disk_full_is_an_error, write_text_atomic
 from xpsr.training.step import training_step
 
 
@@ -254,8 +254,8 @@ def write_run_files(s: Session) -> None:
         return
     from omegaconf import OmegaConf
 
-    (s.out / "config.yaml").write_text(OmegaConf.to_yaml(s.resolved))
-    (s.out / "environment.json").write_text(json.dumps(environment(Path(__file__).parent), indent=2))
+    write_text_atomic(s.out / "config.yaml", OmegaConf.to_yaml(s.resolved))
+    write_text_atomic(s.out / "environment.json", json.dumps(environment(Path(__file__).parent), indent=2))
     if s.cfg.report_to != "none":
         # wandb writes under the run dir (offline mode works without network: WANDB_MODE=offline)
         s.accelerator.init_trackers("xpsr", config=_flat(s.resolved), init_kwargs={"wandb": {"dir": str(s.out)}})

@@ -204,3 +204,19 @@ def test_a_restart_removes_only_the_temp_files_an_interrupted_save_left(tmp_path
     assert sorted(removed) == sorted([left[0], left[1].parent, *left[2:]])
     assert all(p.exists() for p in kept) and not any(p.exists() for p in left)
     assert (tmp_path / "config.yaml").read_text() == "seed: 1\n"
+
+
+def test_an_atomic_write_on_a_full_disk_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    from xpsr.training.integrity import DiskFullError, disk_full_is_an_error, write_text_atomic
+
+    target = tmp_path / "config.yaml"
+    target.write_text("seed: 1\n")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(DiskFullError, match=f"disk full while writing {re.escape(str(target))}: free some space"):
+        with disk_full_is_an_error(str(target)):
+            write_text_atomic(target, "seed: 2\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"] and target.read_text() == "seed: 1\n"

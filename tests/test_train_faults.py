@@ -290,3 +290,38 @@ def test_disk_full_while_writing_a_checkpoint_stops_cleanly_and_a_rerun_complete
     code, log = lab.run()  # space was freed
     assert code == 0, log[-3000:]
     _assert_equals_straight(lab)
+
+
+class _ShortWrites:
+    """A raw file on a disk that fills up: each write stores half the bytes and says so."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, data):
+        return self.f.write(bytes(data)[:len(data) // 2])
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def _loss_log_on_a_full_disk():
+    from xpsr.training import loop
+
+    def open_loss_log(path, *args, **kwargs):
+        f = open(path, *args, **kwargs)
+        return _ShortWrites(f) if Path(path).name == "losses.jsonl" else f
+
+    loop.open = open_loss_log
+
+
+def test_disk_full_while_logging_stops_naming_the_log_and_the_torn_row_is_dropped_on_resume(lab):
+    work = _copy_checkpoints(lab, (4, 5), with_log_until=5)
+    code, log = lab.run(before=_loss_log_on_a_full_disk)
+    assert code == 1, log[-3000:]
+    assert f"xpsr train: disk full while writing {work / 'logs' / 'losses.jsonl'}" in log and "Traceback" not in log
+    assert (work / "logs" / "losses.jsonl").read_text().count("\n") == 5  # rows 1-5 and half of row 6
+    code, log = lab.run()
+    assert code == 0, log[-3000:]
+    assert "dropped 0 rows after step 5 (this session logs them again) and 1 unreadable rows" in log
+    _assert_equals_straight(lab, steps=(5, 6))

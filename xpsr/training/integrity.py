@@ -78,11 +78,15 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``.tmp-<name>`` beside ``path``, flush it to disk and rename it over ``path``: a
     kill leaves the old file or the new one, never half of one."""
     tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # half a file helps nobody; the error being raised says why
+        raise
 
 
 def _hash_and_sync(path: Path, with_hash: bool) -> str | None:

@@ -230,9 +230,12 @@ class TrainConfig:
     content_prompt: str = choice("caption", ("caption", "empty"),
                                  "caption: the cached content prompt (paper); empty: '' (the official release)")
     dfc: DFCConfig = field(default_factory=DFCConfig)
-    checkpoint_every: int = doc(500, "write checkpoints/step-N every N steps (0 = none: only final/, "
-                                     "and the stop_at_step checkpoint)", min=0)
-    checkpoints_total_limit: int | None = doc(3, "keep at most this many checkpoints (null = all)", min=1)
+    checkpoint_every: int = doc(500, "write checkpoints/step-N every N steps; 0 = never (warns: only stop_at_step "
+                                     "and the final weights are written, an interrupted run starts over)", min=0)
+    checkpoints_total_limit: int | None = doc(3, "keep at most this many valid checkpoints (null = all); "
+                                                 "damaged ones are never deleted", min=1)
+    checkpoint_hashes: bool = doc(True, "record every checkpoint file's sha256 in its checksums.json and check them "
+                                        "before resuming (sizes are always checked); false skips the hashing")
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     report_to: str = choice("tensorboard", ("tensorboard", "wandb", "none"), "experiment logger")
     log_every: int = doc(10, "log losses every N steps", min=1)

@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from xpsr.config import ModelConfig
+from xpsr.errors import XPSRError
 from xpsr.models.build import apply_gradient_checkpointing, inject_controlnet, inject_unet, unet_trainable_names
 
 FORMAT = "xpsr-trained-v1"
@@ -117,13 +118,27 @@ def save_trained(path: str | Path, unet: nn.Module, controlnet: nn.Module, confi
     return path
 
 
+class UnreadableWeightsError(XPSRError, ValueError):
+    """A weights file is truncated or not safetensors; the message names the file."""
+
+
+def _open_safetensors(path: str | Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except SafetensorError as e:  # its messages name no file
+        raise UnreadableWeightsError(f"{path}: not a readable safetensors file, truncated or damaged? ({e})") from e
+
+
 def read_config(path: str | Path) -> dict[str, Any]:
     """The config stored in a checkpoint written by :func:`save_trained`."""
-    with safe_open(str(path), framework="pt") as f:
+    with _open_safetensors(path) as f:
         meta = f.metadata() or {}
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not an xpsr checkpoint (format={meta.get('format')!r})")
-    return json.loads(meta["config"])
+    try:
+        return json.loads(meta["config"])
+    except (KeyError, ValueError) as e:
+        raise UnreadableWeightsError(f"{path}: the config in its metadata is missing or not JSON ({e})") from e
 
 
 def load_trained(path: str | Path, unet: nn.Module, controlnet: nn.Module) -> dict[str, Any]:
@@ -132,7 +147,8 @@ def load_trained(path: str | Path, unet: nn.Module, controlnet: nn.Module) -> di
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     config = read_config(path)
-    state = load_file(str(path))
+    with _open_safetensors(path) as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
     expected = {k: v.shape for k, v in trained_state_dict(unet, controlnet).items()}
     check_keys(expected, state, f"checkpoint {path}")
     controlnet.load_state_dict({k[len("controlnet."):]: v for k, v in state.items() if k.startswith("controlnet.")})
@@ -183,7 +199,9 @@ def load_exported_part(folder: str | Path, part: str, dtype: torch.dtype | None 
         model = inject_controlnet(ControlNetModel.from_config(config), model_config)
     else:
         raise ValueError(f"unknown part {part!r} (unet or controlnet)")
-    load_strict(model, load_file(str(weights)), f"{folder}")
+    with _open_safetensors(weights) as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    load_strict(model, state, f"{folder}")
     apply_gradient_checkpointing(model, model_config)
     if dtype is not None:
         model.to(dtype=dtype)

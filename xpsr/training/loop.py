@@ -9,10 +9,12 @@ weights. Every step is one function below; `Session` carries what they share.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import platform
 import subprocess
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +28,15 @@ from xpsr.training.checkpointing import (
     EMA,
     TrainState,
     find_checkpoint,
+    keep_log_until,
     load_checkpoint,
     prune_checkpoints,
+    remove_stale_temp,
     save_checkpoint,
     warn_if_schedule_changes,
 )
 from xpsr.training.determinism import deterministic_mode, seed_everything
+from xpsr.training.integrity import CheckpointWarning, disk_full_is_an_error, write_text_atomic
 from xpsr.training.step import training_step
 
 
@@ -67,7 +72,8 @@ class Session:
 
 def run_training(cfg: TrainConfig) -> dict:
     """Train as ``cfg`` says; returns a summary. Raises :class:`NonFiniteLossError` on NaN/inf losses."""
-    with deterministic_mode(cfg.deterministic):
+    check_checkpoint_settings(cfg)
+    with deterministic_mode(cfg.deterministic), disk_full_is_an_error(f"the run dir {cfg.output_dir}"):
         accelerator, out = setup_accelerator(cfg)
         s = build_session(cfg, accelerator, out)
         resume(s)
@@ -94,6 +100,19 @@ def run_training(cfg: TrainConfig) -> dict:
     seconds = time.perf_counter() - start
     return {"steps": s.state.step, "last": last, "seconds": round(seconds, 2),
             "steps_per_s": round(s.state.step / seconds, 3) if seconds > 0 else None}
+
+
+def check_checkpoint_settings(cfg: TrainConfig) -> None:
+    """checkpoint_every=0 means no periodic checkpoints (warned: a crash loses the session);
+    checkpoints_total_limit=0 would delete the checkpoint just written."""
+    if cfg.checkpoint_every < 0:
+        raise XPSRError(f"checkpoint_every={cfg.checkpoint_every}: use a number of steps, or 0 for no checkpoints")
+    if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
+        raise XPSRError(f"checkpoints_total_limit={cfg.checkpoints_total_limit}: keep at least 1 checkpoint "
+                        f"(null keeps all)")
+    if cfg.checkpoint_every == 0:
+        warnings.warn("checkpoint_every=0: no checkpoints are written during training (only at stop_at_step and "
+                      "the final weights), so an interrupted run cannot resume", CheckpointWarning, stacklevel=3)
 
 
 def setup_accelerator(cfg: TrainConfig):
@@ -166,16 +185,40 @@ def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.
 
 
 def resume(s: Session) -> None:
-    """With ``resume``: weights, optimizer, schedule, EMA, every RNG and the data position of a checkpoint."""
+    """Remove what an interrupted save left; with ``resume``: weights, optimizer, schedule, EMA, every RNG
+    and the data position of the newest valid checkpoint (or the one named)."""
+    if s.accelerator.is_main_process:
+        for path in remove_stale_temp(s.out):
+            s.accelerator.print(f"removed {path}, left by an interrupted save")
     if not s.cfg.resume:
         return
-    ckpt = find_checkpoint(s.out, s.cfg.resume)
+    ckpt = _choose_checkpoint(s)
     if ckpt is None:
         return
     s.state = load_checkpoint(ckpt, s.modules.unet, s.modules.controlnet, s.optimizer, s.lr_scheduler, s.generator,
                               s.ema)
     s.accelerator.print(f"resumed from {ckpt} at step {s.state.step}")
     warn_if_schedule_changes(s.cfg.lr_scheduler, s.state.max_steps, s.cfg.max_steps)
+
+
+def _choose_checkpoint(s: Session) -> Path | None:
+    """The main process verifies the checkpoints (hashing them once, not once per GPU) and every process
+    resumes from its choice."""
+    found, error = None, None
+    if s.accelerator.is_main_process:
+        try:
+            found = find_checkpoint(s.out, s.cfg.resume, hashes=s.cfg.checkpoint_hashes)
+        except (XPSRError, FileNotFoundError) as e:
+            error = e
+    if s.accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        found, message = broadcast_object_list([found, None if error is None else str(error)])
+        if message is not None and error is None:
+            raise XPSRError(message)
+    if error is not None:
+        raise error
+    return found
 
 
 def make_data(s: Session) -> None:
@@ -211,12 +254,17 @@ def write_run_files(s: Session) -> None:
         return
     from omegaconf import OmegaConf
 
-    (s.out / "config.yaml").write_text(OmegaConf.to_yaml(s.resolved))
-    (s.out / "environment.json").write_text(json.dumps(environment(Path(__file__).parent), indent=2))
+    write_text_atomic(s.out / "config.yaml", OmegaConf.to_yaml(s.resolved))
+    write_text_atomic(s.out / "environment.json", json.dumps(environment(Path(__file__).parent), indent=2))
     if s.cfg.report_to != "none":
         # wandb writes under the run dir (offline mode works without network: WANDB_MODE=offline)
         s.accelerator.init_trackers("xpsr", config=_flat(s.resolved), init_kwargs={"wandb": {"dir": str(s.out)}})
-    s.loss_log = open(s.out / "logs" / "losses.jsonl", "a")
+    # rows after the resumed step are logged again by this session; a row torn by a kill is dropped
+    dropped = keep_log_until(s.out / "logs" / "losses.jsonl", s.state.step)
+    if dropped:
+        s.accelerator.print(dropped)
+    # unbuffered: a row is one write, so nothing is left in a buffer to fail again at close on a full disk
+    s.loss_log = open(s.out / "logs" / "losses.jsonl", "ab", buffering=0)
 
 
 def micro_step(s: Session, batch: dict) -> tuple[dict[str, float], bool]:
@@ -253,15 +301,18 @@ def after_optimizer_step(s: Session, last: dict[str, float], end: int, start: fl
                 "steps_per_s": state.step / max(time.perf_counter() - start, 1e-9)}
         s.accelerator.log(logs, step=state.step)
         if s.loss_log is not None:
-            s.loss_log.write(json.dumps({"step": state.step, **logs}) + "\n")
-            s.loss_log.flush()
+            row = (json.dumps({"step": state.step, **logs}) + "\n").encode()
+            with disk_full_is_an_error(s.loss_log.name):
+                if s.loss_log.write(row) != len(row):  # a short write: the disk filled up mid-row
+                    raise OSError(errno.ENOSPC, "short write", s.loss_log.name)
     if not s.accelerator.is_main_process:
         return
     stopping_early = state.step == end < cfg.max_steps
     if stopping_early or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
         state.max_steps = cfg.max_steps
         save_checkpoint(s.out / "checkpoints" / f"step-{state.step}", s.modules.unet, s.modules.controlnet,
-                        s.resolved, s.optimizer, s.lr_scheduler, state, s.generator, s.ema)
+                        s.resolved, s.optimizer, s.lr_scheduler, state, s.generator, s.ema,
+                        hashes=cfg.checkpoint_hashes)
         prune_checkpoints(s.out, cfg.checkpoints_total_limit)
     if cfg.validation.every and state.step % cfg.validation.every == 0:
         from xpsr.training.validation import run_validation
@@ -277,11 +328,12 @@ def finish(s: Session) -> None:
         return
     from xpsr.models.checkpoint import save_trained
 
-    save_trained(s.out / "final" / "trained.safetensors", s.modules.unet, s.modules.controlnet, s.resolved)
-    if s.ema is not None:
-        s.ema.swap(s.trainable)
-        save_trained(s.out / "final" / "ema.safetensors", s.modules.unet, s.modules.controlnet, s.resolved)
-        s.ema.swap(s.trainable)
+    with disk_full_is_an_error(f"the final weights {s.out / 'final'}"):
+        save_trained(s.out / "final" / "trained.safetensors", s.modules.unet, s.modules.controlnet, s.resolved)
+        if s.ema is not None:
+            s.ema.swap(s.trainable)
+            save_trained(s.out / "final" / "ema.safetensors", s.modules.unet, s.modules.controlnet, s.resolved)
+            s.ema.swap(s.trainable)
 
 
 def environment(repo: Path) -> dict:

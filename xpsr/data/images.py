@@ -10,6 +10,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+# Names of our own unfinished files (``save_png_atomic``'s temp files, claim files of `xpsr infer`): a kill can
+# leave them behind, so every stage skips them when it lists images and the stage that owns them cleans them.
+TEMP_PREFIX = ".tmp-"
 
 
 class ImageError(ValueError):
@@ -18,7 +21,7 @@ class ImageError(ValueError):
 
 def list_images(folders: list[str | Path]) -> list[Path]:
     """Every image file under ``folders`` (recursive; an image file stands for itself), sorted, so the order
-    is stable across runs."""
+    is stable across runs. Our own temp files (names starting with ``TEMP_PREFIX``) are never listed."""
     found = []
     for folder in folders:
         folder = Path(folder)
@@ -27,7 +30,8 @@ def list_images(folders: list[str | Path]) -> list[Path]:
             continue
         if not folder.is_dir():
             raise FileNotFoundError(f"input folder {folder} does not exist")
-        found += [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        found += [p for p in folder.rglob("*")
+                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(TEMP_PREFIX) and p.is_file()]
     return sorted(found)
 
 
@@ -86,7 +90,7 @@ def save_png_atomic(array: np.ndarray, path: str | Path) -> None:
     """Write an RGB uint8 array as PNG; readers never see a half-written file (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX, suffix=".png")
     os.close(fd)
     try:
         Image.fromarray(array).save(tmp, format="PNG", compress_level=1)

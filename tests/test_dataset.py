@@ -154,3 +154,23 @@ def test_stream_sampler_resumes_exactly_and_shards(tmp_path):
     assert resumed == full[25:]
     ranks = [list(islice(iter(WeightedStreamSampler(w, seed=3, rank=r, world=2)), 20)) for r in (0, 1)]
     assert ranks[0] == full[0::2] and ranks[1] == full[1::2]
+
+
+def test_pairs_of_an_older_recipe_fail_unless_allowed(tmp_path):
+    import json
+
+    from xpsr.data.manifest import RecipeMismatchError
+
+    folder = _pairs(tmp_path / "d")
+    manifest = folder / "manifest.jsonl"
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    lines[1]["degradation"] = {"stage1": {}}  # a `prepare` line of the first recipe: no "recipe" field
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(RecipeMismatchError, match=f"{manifest}.*degrade-then-usm/v1.*allow_old_recipe"):
+        PairedPromptDataset(folder, _cfg(folder, None, missing_prompt="empty"))
+    with pytest.warns(UserWarning, match="older recipe"):
+        ds = PairedPromptDataset(folder, _cfg(folder, None, missing_prompt="empty", allow_old_recipe=True))
+    assert len(ds) == 4
+    lines[1]["recipe"] = "usm-then-degrade/v2"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert len(PairedPromptDataset(folder, _cfg(folder, None, missing_prompt="empty"))) == 4

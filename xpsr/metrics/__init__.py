@@ -1,1 +1,1 @@
-"""Evaluation: pyiqa harness (offline-first), paper and ablation tables, plots."""
+"""Evaluation: own Y-channel PSNR/SSIM, pyiqa harness for the rest (optional extra), tables, plots."""

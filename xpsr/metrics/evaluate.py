@@ -1,7 +1,9 @@
-"""`xpsr eval`: SR folder vs HR folder with pyiqa metrics; per-image CSV, summary.json, Markdown table.
+"""`xpsr eval`: SR folder vs HR folder; per-image CSV, summary.json, Markdown table.
 
-PSNR/SSIM are computed on the Y channel of BT.601 YCbCr ([16, 235]), as SR papers do (pyiqa's
-default `yiq` differs by ~1.3 dB), with a configurable border crop (0 = the official setting).
+PSNR/SSIM are computed by our own code (`psnr_ssim.py`) on the Y channel of BT.601 YCbCr ([16, 235]), as
+SR papers do, with a configurable border crop (0 = the official setting); they need no pyiqa. Every other
+metric comes from pyiqa, an optional extra (`pip install -e ".[metrics]"`) because of its non-commercial
+licence; it is imported only when such a metric is asked for.
 Per-image results are cached, so a re-run adds only new images or metrics.
 """
 from __future__ import annotations
@@ -10,6 +12,7 @@ import csv
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +21,19 @@ from tqdm import tqdm
 
 from xpsr.config import EvalConfig
 from xpsr.data.images import file_hash, list_images, load_rgb
+from xpsr.errors import XPSRError
+from xpsr.metrics.psnr_ssim import psnr_y, ssim_y
 from xpsr.metrics.weights import MissingMetricWeights, offline_weights, weights_dir
 
+OWN_METRICS = {"psnr", "ssim"}  # computed by psnr_ssim.py; every other metric needs pyiqa
 FULL_REFERENCE = {"psnr", "ssim", "lpips", "dists"}
 NO_REFERENCE = {"niqe", "maniqa", "maniqa-pipal", "maniqa-kadid", "clipiqa", "musiq"}
 FOLDER_LEVEL = {"fid"}
 LOWER_BETTER = {"lpips", "dists", "fid", "niqe"}
 # what each name means here (the variant matters for comparisons)
 VARIANTS = {
-    "psnr": "pyiqa psnr, Y of BT.601 YCbCr", "ssim": "pyiqa ssim, Y of BT.601 YCbCr",
+    "psnr": "xpsr psnr_y, Y of BT.601 YCbCr (pyiqa's convention)",
+    "ssim": "xpsr ssim_y, Y of BT.601 YCbCr, 11x11 Gaussian sigma 1.5 (pyiqa's convention)",
     "lpips": "pyiqa lpips (AlexNet, v0.1)", "dists": "pyiqa dists", "fid": "pyiqa fid (folder vs folder)",
     "niqe": "pyiqa niqe", "maniqa": "pyiqa maniqa (KonIQ-10k weights; the official XPSR test.py's choice)",
     "maniqa-pipal": "pyiqa maniqa-pipal (PIPAL weights; SeeSR's choice, per its maintainers)",
@@ -46,37 +53,82 @@ def pair_images(sr_dir: Path, hr_dir: Path | None) -> list[tuple[Path, Path | No
     return list(zip(srs, hrs))
 
 
-def create_metric(name: str, cfg: EvalConfig, device: torch.device):
-    import pyiqa
+METRICS_EXTRA = 'pip install -e ".[metrics]"'
+# one image pair (HxWx3 uint8 RGB; HR is None for no-reference metrics) -> score
+ImageMetric = Callable[[np.ndarray, "np.ndarray | None"], float]
 
-    opts = {}
-    if name in ("psnr", "ssim"):
-        opts = {"test_y_channel": True, "color_space": "ycbcr", "crop_border": cfg.crop_border}
+
+class MetricsExtraMissing(XPSRError):
+    """A metric that only pyiqa provides was asked for, and pyiqa is not installed."""
+
+    def __init__(self, metric: str):
+        super().__init__(f"metric '{metric}' needs pyiqa, which the core install leaves out: {METRICS_EXTRA} "
+                         "(pyiqa is licensed PolyForm Noncommercial 1.0.0; psnr and ssim work without it)")
+
+
+def import_pyiqa(metric: str):
+    """pyiqa, or a one-line error naming the extra to install (a broken pyiqa install still raises as is)."""
+    try:
+        import pyiqa
+    except ModuleNotFoundError as e:
+        if e.name != "pyiqa":
+            raise
+        raise MetricsExtraMissing(metric) from e
+    return pyiqa
+
+
+def create_pyiqa_metric(name: str, cfg: EvalConfig, device: torch.device):
+    """pyiqa's metric object, its weights read from ``weights_dir`` only (see weights.py)."""
+    pyiqa = import_pyiqa(name)
     folder = weights_dir(cfg.weights_dir)
     try:
         with offline_weights(name, folder):
-            return pyiqa.create_metric(name, device=device, as_loss=False, **opts)
+            return pyiqa.create_metric(name, device=device, as_loss=False)
     except MissingMetricWeights:
         raise
     except OSError as e:  # e.g. a hub lookup refused offline
         raise MissingMetricWeights(name, str(e).splitlines()[0], folder) from e
 
 
+def create_metric(name: str, cfg: EvalConfig, device: torch.device) -> ImageMetric:
+    """A per-image metric: PSNR/SSIM from our own code (on the CPU, float64), the rest from pyiqa."""
+    if name == "psnr":
+        return lambda sr, hr: psnr_y(sr, hr, cfg.crop_border)
+    if name == "ssim":
+        return lambda sr, hr: ssim_y(sr, hr, cfg.crop_border)
+    metric = create_pyiqa_metric(name, cfg, device)
+
+    def score(sr: np.ndarray, hr: np.ndarray | None) -> float:
+        inputs = [_to_tensor(sr, device)] + ([] if hr is None else [_to_tensor(hr, device)])
+        with torch.no_grad():
+            return float(metric(*inputs).item())
+
+    return score
+
+
 def _to_tensor(img: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float().div(255).to(device)
+
+
+def check_metrics(metrics: list[str], has_hr: bool) -> None:
+    """Refuse unknown names, reference metrics without HR, and pyiqa metrics without pyiqa, before any work."""
+    unknown = [m for m in metrics if m not in FULL_REFERENCE | NO_REFERENCE | FOLDER_LEVEL]
+    if unknown:
+        known = sorted(FULL_REFERENCE | NO_REFERENCE | FOLDER_LEVEL)
+        raise ValueError(f"unknown metrics {unknown}; choose from {known}")
+    needs_hr = [m for m in metrics if m in FULL_REFERENCE | FOLDER_LEVEL]
+    if needs_hr and not has_hr:
+        raise ValueError(f"metrics {needs_hr} need hr=DIR")
+    needs_pyiqa = [m for m in metrics if m not in OWN_METRICS]
+    if needs_pyiqa:
+        import_pyiqa(needs_pyiqa[0])
 
 
 def evaluate(cfg: EvalConfig) -> dict:
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     sr_dir, hr_dir, out = Path(cfg.sr), Path(cfg.hr) if cfg.hr else None, Path(cfg.output_dir)
+    check_metrics(cfg.metrics, has_hr=hr_dir is not None)
     out.mkdir(parents=True, exist_ok=True)
-    needs_hr = [m for m in cfg.metrics if m in FULL_REFERENCE | FOLDER_LEVEL]
-    if needs_hr and hr_dir is None:
-        raise ValueError(f"metrics {needs_hr} need hr=DIR")
-    unknown = [m for m in cfg.metrics if m not in FULL_REFERENCE | NO_REFERENCE | FOLDER_LEVEL]
-    if unknown:
-        known = sorted(FULL_REFERENCE | NO_REFERENCE | FOLDER_LEVEL)
-        raise ValueError(f"unknown metrics {unknown}; choose from {known}")
     pairs = pair_images(sr_dir, hr_dir)
     settings = {"crop_border": cfg.crop_border, "y_channel": "BT.601 YCbCr [16,235]"}
     cache_path = out / "metrics_cache.json"
@@ -97,15 +149,16 @@ def evaluate(cfg: EvalConfig) -> dict:
             if name not in metrics:
                 metrics[name] = create_metric(name, cfg, device)
             sr, _ = load_rgb(sr_path)
-            args = [_to_tensor(sr, device)]
+            hr = None
             if name in FULL_REFERENCE:
                 hr, _ = load_rgb(hr_path)
                 if hr.shape != sr.shape:
                     raise ValueError(f"size mismatch: SR {sr_path.name} is {sr.shape[1]}x{sr.shape[0]}, "
                                      f"HR {hr_path.name} is {hr.shape[1]}x{hr.shape[0]}")
-                args.append(_to_tensor(hr, device))
-            with torch.no_grad():
-                cache[key] = float(metrics[name](*args).item())
+            try:
+                cache[key] = metrics[name](sr, hr)
+            except ValueError as e:  # e.g. an image too small for SSIM's window after the border crop
+                raise ValueError(f"{name} of {sr_path.name}: {e}") from e
         tmp = cache_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(cache))
         os.replace(tmp, cache_path)
@@ -119,7 +172,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         rows.append(row)
     for name in cfg.metrics:
         if name in FOLDER_LEVEL:
-            metric = create_metric(name, cfg, device)
+            metric = create_pyiqa_metric(name, cfg, device)
             summary[name] = float(metric(str(sr_dir), str(hr_dir)))
         else:
             summary[name] = float(np.mean([r[name] for r in rows])) if rows else float("nan")

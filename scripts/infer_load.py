@@ -77,8 +77,17 @@ def read_log(log: Path) -> list[tuple[str, int, str, int, float]]:
 def start_worker(log: Path, src: Path, out: Path, steps: int, pause: float = 0.0) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO))
     args = [f"input={src}", f"output_dir={out}", f"num_inference_steps={steps}"]
-    return subprocess.Popen([sys.executable, "-c", WORKER, str(log), str(pause), str(TINY), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+    # stderr to a file, not a pipe: a pipe nobody reads until the end fills up (tqdm) and blocks the worker
+    err = log.with_name(f"worker-{time.time_ns()}.err")
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", WORKER, str(log), str(pause), str(TINY), *args],
+                                stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+    proc.err_path = err
+    return proc
+
+
+def _tail(proc: subprocess.Popen) -> str:
+    return proc.err_path.read_text(errors="replace")[-2000:]
 
 
 def peak_rss(rows, pid: int, after: int) -> float | None:
@@ -110,7 +119,7 @@ def run_load(work: Path, images: int, size: int, processes: int, kill_at: float,
             w.kill()
             raise RuntimeError(f"worker {w.pid} still running after {timeout}s")
     seconds = time.perf_counter() - start
-    failed = [(w.pid, w.returncode, w.stderr.read()[-2000:]) for w in workers if w is not victim and w.returncode]
+    failed = [(w.pid, w.returncode, _tail(w)) for w in workers if w is not victim and w.returncode]
     if failed:
         raise RuntimeError(f"workers failed: {failed}")
     rows = read_log(log)
@@ -122,7 +131,7 @@ def run_load(work: Path, images: int, size: int, processes: int, kill_at: float,
 
     final = start_worker(log, src, out, steps)  # alone now: redoes nothing, cleans what the kill left
     if final.wait(timeout=timeout):
-        raise RuntimeError(f"final pass failed: {final.stderr.read()[-2000:]}")
+        raise RuntimeError(f"final pass failed: {_tail(final)}")
     final_report = json.loads((out / "infer_report.json").read_text())
     per_process = {}
     for w in workers:

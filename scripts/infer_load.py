@@ -6,12 +6,13 @@ at the end).
 
     OMP_NUM_THREADS=1 python scripts/infer_load.py --images 2000 --size 16 --processes 2 --work /tmp/infer_load
 
-Each worker is the real `run_inference` (tiny model, CPU, configs/infer/tiny_cpu.yaml) with `save_png_atomic`
-wrapped to append one line per image to a shared log ("start"/"written", pid, name, ru_maxrss), so the script can
-tell which process wrote what and when. The result (JSON on stdout and in WORK/load_result.json) has:
-``written_once`` (every image written exactly once), ``duplicates``, ``missing``, ``lost_in_kill`` (images the
-killed process had started but not written), ``peak_rss_mb`` per process at its 100th image and at its end,
-``final_pass`` (a last run alone: nothing redone, temp/claim files of the killed process cleaned).
+Each worker is the real `run_inference` (tiny model, CPU, configs/infer/tiny_cpu.yaml) with the per-image step
+wrapped to append lines to a shared log ("start" once an image is claimed, "written" once its output is renamed
+into place; pid, name, ru_maxrss, time), so the script can tell which process did what and when. The result
+(JSON on stdout and in WORK/load_result.json) has: ``written_once`` (every image written exactly once),
+``duplicates``, ``missing``, ``lost_in_kill`` (images the killed process had claimed but not written: the work
+the kill cost), ``peak_rss_mb`` per process at its 100th image and at its end, ``final_pass`` (a last run
+alone: nothing redone, temp/claim files of the killed process cleaned).
 """
 from __future__ import annotations
 
@@ -40,13 +41,15 @@ def note(word, path):
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with open(log, "a") as f:  # one short O_APPEND write per line: lines of several processes never mix
         f.write(f"{word} {os.getpid()} {os.path.basename(str(path))} {rss} {time.time():.3f}\\n")
-real_save = run_mod.save_png_atomic
+real_one, real_save = run_mod._super_resolve_one, run_mod.save_png_atomic
+def one(modules, prompts, path, target, *args):
+    note("start", target)  # claimed, about to read and super-resolve it
+    return real_one(modules, prompts, path, target, *args)
 def save(array, path):
-    note("start", path)
     real_save(array, path)
     note("written", path)
     time.sleep(pause)  # to make sure a kill lands mid-run in short tests on fast machines
-run_mod.save_png_atomic = save
+run_mod._super_resolve_one, run_mod.save_png_atomic = one, save
 run_mod.run_inference(load_config(InferConfig, config, overrides))
 """
 

@@ -88,3 +88,19 @@ def prepare_config(inputs, out, **overrides):
     args = [f"inputs=[{','.join(str(i) for i in inputs)}]", f"output_dir={out}", "crop_size=64"]
     args += [f"{k}={v}" for k, v in overrides.items()]
     return load_config(PrepareConfig, REPO / "configs" / "data" / "xpsr.yaml", args)
+
+
+def write_png_bomb(path: Path, side: int = 30000) -> Path:
+    """A valid all-black 1-bit PNG of ``side`` x ``side`` px (30000: 900 Mpx, ~110 KB): a decompression bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    row, comp = b"\x00" * (1 + (side + 7) // 8), zlib.compressobj(9)
+    idat = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit grayscale
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path

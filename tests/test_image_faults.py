@@ -135,7 +135,7 @@ def test_non_utf8_and_very_long_file_names(tmp_path):
     assert load_rgb(latin1)[0].shape == (4, 4, 3)
     assert list_images([tmp_path]) == [Path(latin1)]
     Path(latin1).write_bytes(b"not an image")
-    message = refused(latin1, "caf\\udce9-\\n.png")  # escaped: printable on any terminal, one line
+    message = refused(latin1, "caf\\xe9-\\n.png")  # escaped: printable on any terminal, one line
     message.encode("utf-8")
     longest = tmp_path / ("x" * 251 + ".png")  # 255 bytes: the usual limit of a name
     good.save(longest)

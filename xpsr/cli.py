@@ -16,6 +16,7 @@ from xpsr.config import (
     CaptionConfig,
     CaptionExportConfig,
     CaptionImportConfig,
+    CaptionRepairConfig,
     ConfigError,
     DemoConfig,
     EvalConfig,
@@ -153,6 +154,20 @@ def cmd_caption_export(cfg: CaptionExportConfig) -> int:
     return 0
 
 
+def cmd_caption_repair(cfg: CaptionRepairConfig) -> int:
+    """Readable rows of a damaged cache -> a new cache or JSONL; says how many rows were lost."""
+    from xpsr.captions.repair import repair_cache
+
+    result = repair_cache(cfg.cache, cfg.output)
+    lost = result.unreadable + result.invalid
+    print(f"caption-repair: {len(result.rows)} rows -> {cfg.output}; {result.unreadable} unreadable and "
+          f"{result.invalid} invalid rows skipped" + "".join(f"\n  {note}" for note in result.notes))
+    if lost or not result.full_scan:
+        print(f"caption-repair: replace the damaged cache with {cfg.output} once you have checked it, then rerun "
+              "`xpsr caption` to caption the images whose rows were lost")
+    return 0
+
+
 def cmd_caption_import(cfg: CaptionImportConfig) -> int:
     from xpsr.captions.cache import PromptCache
 
@@ -190,6 +205,8 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
                "ablation/paper tables, a perception-distortion plot and side-by-side crops from eval folders"),
     "caption": (CaptionConfig, cmd_caption, "write content or quality prompts into the prompt cache"),
     "caption-export": (CaptionExportConfig, cmd_caption_export, "prompt cache -> JSONL"),
+    "caption-repair": (CaptionRepairConfig, cmd_caption_repair,
+                       "damaged prompt cache -> its readable rows in a new cache or JSONL"),
     "caption-import": (CaptionImportConfig, cmd_caption_import, "JSONL or the official prompt folders -> cache"),
     "demo": (DemoConfig, cmd_demo, "pairs -> prompts -> train -> SR -> metrics -> report.html, tiny model, CPU"),
     "bench": (BenchConfig, cmd_bench, "time one training step (JSON on stdout)"),

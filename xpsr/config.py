@@ -118,6 +118,13 @@ class CaptionExportConfig:
 
 
 @dataclass
+class CaptionRepairConfig:
+    cache: str = doc("???", "the damaged prompt cache (read from a copy, never modified)", nonempty=True)
+    output: str = doc("???", "a new file for the readable rows: a prompt cache (.sqlite) or JSON lines (.jsonl)",
+                      nonempty=True)
+
+
+@dataclass
 class CaptionImportConfig:
     cache: str = doc("???", "prompt cache file (created if missing)", nonempty=True)
     jsonl: str | None = doc(None, "JSONL written by caption-export")
@@ -307,6 +314,12 @@ class InferConfig:
     vae_tile_cache_mb: int = doc(2048, "tiled VAE: MB of tile states kept between the whole-image GroupNorm "
                                        "sweeps; beyond it tiles are recomputed (slower, memory stays bounded)",
                                 min=0)
+    max_output_pixels: int = doc(4096 * 4096, "an input whose output (input x upscale) has more pixels is refused "
+                                              "and named in infer_report.json, checked from the file header before "
+                                              "decoding (e.g. upscale=1000 on 32x32); 0 = no limit", min=0)
+    max_process_pixels: int = doc(4096 * 4096, "an input whose processing size (the output with its short side "
+                                               "raised to process_size) has more pixels is refused: a 1x3000 strip "
+                                               "at x4 would be processed at 512x1,536,000 px; 0 = no limit", min=0)
     prompts: str = choice("cache", ("cache", "fixed"), "cache: prompts of each input from the prompt cache; "
                           "fixed: `prompt`/`quality_prompt` for every image")
     cache: str | None = doc(None, "prompt cache file (prompts=cache)", nonempty=True)

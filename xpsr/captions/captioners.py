@@ -17,6 +17,22 @@ PAPER_CONTENT_QUESTION = "Please provide a descriptive summary of the content of
 PAPER_QUALITY_QUESTION = ("Please describe the quality of this image and evaluate it based on factors such as "
                           "clarity, color, noise, and lighting")
 LLAVA_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+# Images more elongated than this are centre-cropped to it before an MLLM's processor sees them. LLaVA-1.5's
+# processor resizes the short side to 336 px and keeps the centre square, so the crop changes nothing it sees,
+# while a 1x3000 strip would otherwise be resized to 336x1,008,000 px (GBs) before that centre crop.
+MAX_MLLM_ASPECT = 4.0
+
+
+def centre_crop_to_aspect(img: np.ndarray, max_aspect: float = MAX_MLLM_ASPECT) -> np.ndarray:
+    """The centre of ``img`` with its long side at most ``max_aspect`` x its short side (a view, no copy)."""
+    h, w = img.shape[:2]
+    if w > max_aspect * h:
+        keep = max(int(max_aspect * h), 1)
+        return img[:, (w - keep) // 2:(w - keep) // 2 + keep]
+    if h > max_aspect * w:
+        keep = max(int(max_aspect * w), 1)
+        return img[(h - keep) // 2:(h - keep) // 2 + keep]
+    return img
 
 
 class Captioner(Protocol):
@@ -92,7 +108,7 @@ class MLLMCaptioner:
 
     @torch.no_grad()
     def caption(self, images: list[np.ndarray]) -> list[str]:
-        pil = [Image.fromarray(img) for img in images]
+        pil = [Image.fromarray(np.ascontiguousarray(centre_crop_to_aspect(img))) for img in images]
         inputs = self.processor(images=pil, text=[self._prompt()] * len(pil), padding=True, return_tensors="pt")
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         if "pixel_values" in inputs:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 import torch
+from PIL.Image import DecompressionBombError  # not an OSError: caught per file as well
 from tqdm import tqdm
 
 from xpsr.captions.cache import PromptCache, PromptRow
@@ -21,6 +22,7 @@ from xpsr.captions.captioners import (
 )
 from xpsr.config import CaptionConfig
 from xpsr.data.images import ImageError, file_hash, list_images, load_rgb
+from xpsr.errors import shown
 
 
 def make_captioner(cfg: CaptionConfig, device: str) -> Captioner:
@@ -57,6 +59,12 @@ def caption_with_backoff(captioner: Captioner, images: list, batch_size: int) ->
             print(f"caption: out of memory, retrying with batch size {batch_size}")
 
 
+def _reason(path, e: BaseException) -> str:
+    """Why ``path`` was skipped, starting with its name (printable even when the name is not UTF-8)."""
+    message = shown(str(e))
+    return message if message.startswith(shown(path)) else f"{shown(path)}: {message}"
+
+
 def run_captioning(cfg: CaptionConfig) -> dict:
     """Caption this process's shard of ``cfg.images`` into ``cfg.cache``; returns counts and speed."""
     from accelerate import PartialState
@@ -72,10 +80,15 @@ def run_captioning(cfg: CaptionConfig) -> dict:
         done = cache.done_hashes(cfg.kind, captioner.id, captioner.question)
         todo = []
         for path in images:
-            h = file_hash(path)
+            try:
+                h = file_hash(path)
+            except OSError as e:  # vanished, unreadable (permissions), a FIFO...: this file only
+                skipped.append(_reason(path, e))
+                continue
             if h not in done:
                 todo.append((path, h))
                 done.add(h)  # identical files are captioned once
+        unhashed = len(skipped)
         batch_size, written, start = cfg.batch_size, 0, time.perf_counter()
         bar = tqdm(total=len(todo), desc=f"caption {cfg.kind} [{rank}/{world}]", unit="img", disable=rank != 0)
         for i in range(0, len(todo), cfg.batch_size):
@@ -84,13 +97,13 @@ def run_captioning(cfg: CaptionConfig) -> dict:
                 try:
                     pixels.append(load_rgb(path)[0])
                     chunk.append((path, h))
-                except ImageError as e:
-                    skipped.append(str(e))
+                except (ImageError, DecompressionBombError, OSError) as e:  # this file only; named in the message
+                    skipped.append(_reason(path, e))
             if chunk:
                 texts, batch_size = caption_with_backoff(captioner, pixels, batch_size)
                 written += cache.put_many(
                     PromptRow(h, cfg.kind, captioner.id, captioner.question, text, captioner.revision,
-                              cfg.image_source, str(path)) for (path, h), text in zip(chunk, texts))
+                              cfg.image_source, shown(path)) for (path, h), text in zip(chunk, texts))
             bar.update(len(todo[i:i + cfg.batch_size]))
             bar.set_postfix(img_per_s=f"{written / max(time.perf_counter() - start, 1e-9):.1f}")
             if cfg.pause_s:
@@ -98,7 +111,7 @@ def run_captioning(cfg: CaptionConfig) -> dict:
         bar.close()
     seconds = time.perf_counter() - start
     stats = {"rank": rank, "world": world, "images": len(images), "captioned": written,
-             "already_cached": len(images) - len(todo), "skipped": skipped, "seconds": round(seconds, 3),
+             "already_cached": len(images) - len(todo) - unhashed, "skipped": skipped, "seconds": round(seconds, 3),
              "images_per_s": round(written / seconds, 2) if seconds > 0 else None, "captioner": captioner.id}
     print(f"caption [{rank}/{world}]: {written} new {cfg.kind} prompts ({stats['images_per_s']} img/s), "
           f"{stats['already_cached']} already cached, {len(skipped)} unreadable")

@@ -24,6 +24,9 @@ from PIL import Image, UnidentifiedImageError
 from xpsr.errors import OutputError, XPSRError, shown
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+# Names of our own unfinished files (``save_png_atomic``'s temp files, claim files of `xpsr infer`): a kill can
+# leave them behind, so every stage skips them when it lists images and the stage that owns them cleans them.
+TEMP_PREFIX = ".tmp-"
 # What the content may be, whatever the suffix says (JPEG includes MPO, the multi-picture JPEG of cameras).
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 # Pillow's own default limit (Image.MAX_IMAGE_PIXELS, 89,478,485 px, e.g. 9459 x 9459): 268 MB as RGB uint8.
@@ -41,7 +44,7 @@ class ImageError(XPSRError, ValueError):
 
 def list_images(folders: list[str | Path], skipped: list[tuple[str, str]] | None = None) -> list[Path]:
     """Every image file under ``folders`` (recursive; an image file stands for itself), sorted, so the order
-    is stable across runs.
+    is stable across runs. Our own temp files (names starting with ``TEMP_PREFIX``) are never listed.
 
     Symlinked folders are followed, each real folder once, so a symlink loop ends the walk there. What
     cannot be listed (a loop, an unreadable folder, a broken link) is appended to ``skipped`` as
@@ -78,8 +81,8 @@ def _walk_images(root: Path, skipped: list[tuple[str, str]]) -> list[Path]:
         seen.add((st.st_dev, st.st_ino))
         for name in filenames:
             path = Path(dirpath) / name
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
+            if path.suffix.lower() not in IMAGE_SUFFIXES or name.startswith(TEMP_PREFIX):
+                continue  # our own unfinished files are never inputs
             try:
                 regular = stat.S_ISREG(path.stat().st_mode)
             except OSError as e:  # a broken link or a link loop
@@ -261,7 +264,7 @@ def save_png_atomic(array: np.ndarray, path: str | Path) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX, suffix=".png")
     except OSError as e:
         raise OutputError.of(f"cannot write into output folder {shown(path.parent)} ({e.strerror or e})", e) from e
     os.close(fd)

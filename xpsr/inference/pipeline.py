@@ -147,6 +147,11 @@ def final_resize(image: torch.Tensor, size: tuple[int, int], cfg: InferConfig) -
     return out
 
 
+def content_prompt_used(content_prompt: str, cfg: InferConfig) -> str:
+    """The content prompt the model sees: the caption, a space, the added prompt (as the official script)."""
+    return f"{content_prompt.strip()} {cfg.added_prompt}".strip()
+
+
 @torch.no_grad()
 def super_resolve(modules, lr: np.ndarray, content_prompt: str, quality_prompt: str, cfg: InferConfig,
                   device: torch.device, *, generator: torch.Generator | None = None,
@@ -162,8 +167,8 @@ def super_resolve(modules, lr: np.ndarray, content_prompt: str, quality_prompt: 
     lr_cond = condition_image(lr, cfg, device, vae_scale_factor(modules.vae))
     dtype = next(modules.unet.parameters()).dtype
 
-    # prompts: [negative; positive] for both branches; the added prompt follows a space (official script)
-    content = f"{content_prompt.strip()} {cfg.added_prompt}".strip()
+    # prompts: [negative; positive] for both branches
+    content = content_prompt_used(content_prompt, cfg)
     tok, enc = modules.tokenizer, modules.text_encoder
     c = encode_prompts(tok, enc, [cfg.negative_prompt, content], device).to(dtype)
     q = encode_prompts(tok, enc, [cfg.negative_quality_prompt, quality_prompt], device).to(dtype)

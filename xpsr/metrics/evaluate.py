@@ -20,8 +20,8 @@ import torch
 from tqdm import tqdm
 
 from xpsr.config import EvalConfig
-from xpsr.data.images import file_hash, list_images, load_rgb
-from xpsr.errors import XPSRError
+from xpsr.data.images import IMAGE_SUFFIXES, ImageError, file_hash, list_images, load_rgb
+from xpsr.errors import XPSRError, shown
 from xpsr.metrics.psnr_ssim import psnr_y, ssim_y
 from xpsr.metrics.weights import MissingMetricWeights, offline_weights, weights_dir
 
@@ -51,6 +51,33 @@ def pair_images(sr_dir: Path, hr_dir: Path | None) -> list[tuple[Path, Path | No
     if len(srs) != len(hrs):
         raise ValueError(f"{len(srs)} SR images in {sr_dir} but {len(hrs)} HR images in {hr_dir}")
     return list(zip(srs, hrs))
+
+
+def _bare(path: Path, root: Path) -> str:
+    """Relative name without image suffixes: ``sub/x.jpg.png`` (an `xpsr infer` output of ``x.jpg``) -> ``sub/x``."""
+    rel = path.relative_to(root)
+    while rel.suffix.lower() in IMAGE_SUFFIXES:
+        rel = rel.with_suffix("")
+    return rel.as_posix()
+
+
+def differently_named(pairs, sr_dir: Path, hr_dir: Path | None) -> list[str]:
+    """Pairs whose names differ beyond the suffix (fine for sets named ``_LR4``/``_HR``, a sign of a missing
+    or extra file otherwise); recorded in summary.json and printed, so a shifted pairing is not silent."""
+    if hr_dir is None:
+        return []
+    return [f"{shown(s.relative_to(sr_dir))} <-> {shown(h.relative_to(hr_dir))}" for s, h in pairs
+            if _bare(s, sr_dir) != _bare(h, hr_dir)]
+
+
+def _load(path: Path):
+    """An image for scoring; a decompression bomb is an :class:`ImageError` naming the file, like a damaged one."""
+    from PIL import Image
+
+    try:
+        return load_rgb(path)[0]
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{shown(path)}: over Pillow's decompression-bomb limit ({e})") from e
 
 
 METRICS_EXTRA = 'pip install -e ".[metrics]"'
@@ -124,6 +151,41 @@ def check_metrics(metrics: list[str], has_hr: bool) -> None:
         import_pyiqa(needs_pyiqa[0])
 
 
+def _score_all(name, pairs, cache: dict, cache_key, metrics: dict, cfg: EvalConfig, device) -> None:
+    """Score every pair not in ``cache`` with metric ``name`` (created on first use)."""
+    for sr_path, hr_path in tqdm(pairs, desc=f"eval {name}", unit="img"):
+        key = cache_key(name, sr_path, hr_path)
+        if key in cache:
+            continue
+        if name not in metrics:
+            metrics[name] = create_metric(name, cfg, device)
+        sr, hr = _load(sr_path), None
+        if name in FULL_REFERENCE:
+            hr = _load(hr_path)
+            if hr.shape != sr.shape:
+                raise ValueError(f"size mismatch: SR {shown(sr_path.name)} is {sr.shape[1]}x{sr.shape[0]}, "
+                                 f"HR {shown(hr_path.name)} is {hr.shape[1]}x{hr.shape[0]}")
+        try:
+            cache[key] = metrics[name](sr, hr)
+        except ValueError as e:  # e.g. an image too small for SSIM's window after the border crop
+            raise ValueError(f"{name} of {shown(sr_path.name)}: {e}") from e
+
+
+def _read_score_cache(path: Path) -> dict:
+    """Per-image scores of earlier runs; a damaged file (edited, truncated by a copy) is only a lost cache."""
+    if not path.is_file():
+        return {}
+    try:
+        cache = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(cache, dict) and all(isinstance(v, (int, float)) for v in cache.values()):
+            return cache
+        problem = "not a mapping of scores"
+    except (ValueError, UnicodeDecodeError) as e:
+        problem = str(e)
+    print(f"eval: ignoring the damaged score cache {shown(path)} ({problem}); every score is recomputed")
+    return {}
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     sr_dir, hr_dir, out = Path(cfg.sr), Path(cfg.hr) if cfg.hr else None, Path(cfg.output_dir)
@@ -132,39 +194,29 @@ def evaluate(cfg: EvalConfig) -> dict:
     pairs = pair_images(sr_dir, hr_dir)
     settings = {"crop_border": cfg.crop_border, "y_channel": "BT.601 YCbCr [16,235]"}
     cache_path = out / "metrics_cache.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    cache = _read_score_cache(cache_path)
     rows, start = [], time.perf_counter()
     metrics = {}
     settings_key = json.dumps(settings, sort_keys=True)
     hashes = {p: file_hash(p) for pair in pairs for p in pair if p is not None}  # each file read once
+    renamed = differently_named(pairs, sr_dir, hr_dir)
+    if renamed:
+        print(f"eval: {len(renamed)} of {len(pairs)} SR/HR pairs have different names (paired by sorted order), "
+              f"e.g. {renamed[0]}")
 
     def cache_key(name: str, sr_path: Path, hr_path: Path | None) -> str:
         return "|".join([name, hashes[sr_path], hashes[hr_path] if hr_path else "-", settings_key])
 
-    for name in [m for m in cfg.metrics if m not in FOLDER_LEVEL]:
-        for sr_path, hr_path in tqdm(pairs, desc=f"eval {name}", unit="img"):
-            key = cache_key(name, sr_path, hr_path)
-            if key in cache:
-                continue
-            if name not in metrics:
-                metrics[name] = create_metric(name, cfg, device)
-            sr, _ = load_rgb(sr_path)
-            hr = None
-            if name in FULL_REFERENCE:
-                hr, _ = load_rgb(hr_path)
-                if hr.shape != sr.shape:
-                    raise ValueError(f"size mismatch: SR {sr_path.name} is {sr.shape[1]}x{sr.shape[0]}, "
-                                     f"HR {hr_path.name} is {hr.shape[1]}x{hr.shape[0]}")
-            try:
-                cache[key] = metrics[name](sr, hr)
-            except ValueError as e:  # e.g. an image too small for SSIM's window after the border crop
-                raise ValueError(f"{name} of {sr_path.name}: {e}") from e
+    try:
+        for name in [m for m in cfg.metrics if m not in FOLDER_LEVEL]:
+            _score_all(name, pairs, cache, cache_key, metrics, cfg, device)
+    finally:  # the scores computed before a bad image stopped the run are kept for the rerun
         tmp = cache_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(cache))
         os.replace(tmp, cache_path)
     summary: dict = {}
     for sr_path, hr_path in pairs:
-        row = {"image": sr_path.relative_to(sr_dir).as_posix()}
+        row = {"image": shown(sr_path.relative_to(sr_dir).as_posix())}
         for name in cfg.metrics:
             if name in FOLDER_LEVEL:
                 continue
@@ -176,12 +228,14 @@ def evaluate(cfg: EvalConfig) -> dict:
             summary[name] = float(metric(str(sr_dir), str(hr_dir)))
         else:
             summary[name] = float(np.mean([r[name] for r in rows])) if rows else float("nan")
-    with open(out / "metrics.csv", "w", newline="") as f:
+    with open(out / "metrics.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=["image"] + [m for m in cfg.metrics if m not in FOLDER_LEVEL])
         writer.writeheader()
         writer.writerows(rows)
-    summary_doc = {**summary, "settings": {**settings, "images": len(pairs), "sr": str(sr_dir),
-                                           "hr": str(hr_dir) if hr_dir else None,
+    summary_doc = {**summary, "settings": {**settings, "images": len(pairs), "sr": shown(sr_dir),
+                                           "hr": shown(hr_dir) if hr_dir else None,
+                                           "pairs_named_differently": len(renamed),
+                                           "pairs_named_differently_first": renamed[:5],
                                            "variants": {m: VARIANTS[m] for m in cfg.metrics},
                                            "seconds": round(time.perf_counter() - start, 2)}}
     (out / "summary.json").write_text(json.dumps(summary_doc, indent=2))

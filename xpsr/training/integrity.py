@@ -8,7 +8,6 @@ when renamed; damage that happens later (a truncated copy, a disk error, an edit
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -16,7 +15,7 @@ import re
 import zipfile
 from pathlib import Path
 
-from xpsr.errors import XPSRError
+from xpsr.errors import DiskFullError, XPSRError, is_disk_full  # noqa: F401 (re-exported)
 
 MANIFEST = "checksums.json"
 MANIFEST_FORMAT = "xpsr-checkpoint-v1"
@@ -29,26 +28,8 @@ class DamagedCheckpointError(XPSRError):
     """A checkpoint folder is incomplete or damaged; the message names the file and what is wrong."""
 
 
-class DiskFullError(XPSRError):
-    """The disk filled up while writing; the message says what was being written and where."""
-
-
 class CheckpointWarning(UserWarning):
     """A checkpoint was skipped, ignored or could not be fully verified."""
-
-
-def is_disk_full(error: BaseException) -> bool:
-    """ENOSPC/EDQUOT anywhere in the exception chain or its text: torch.save reports a failed write as a
-    RuntimeError whose context is the OSError, safetensors as a SafetensorError naming "os error 28"."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(error) or "os error 28" in str(error):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
 
 
 @contextlib.contextmanager

@@ -166,7 +166,7 @@ def run_infer_bench(cfg: BenchConfig) -> dict:
     big = 10**6
     infer = InferConfig(input="-", output_dir="-", num_inference_steps=cfg.inference_steps, scheduler="ddim",
                         process_size=64, dtype=cfg.dtype, latent_tile=64 if cfg.tiled else big,
-                        vae_tile=512 if cfg.tiled else big)
+                        vae_tile=512 if cfg.tiled else big, vae_decoder_tile=64 if cfg.tiled else big)
     lr = np.random.default_rng(cfg.seed).integers(0, 255, (cfg.lr_size, cfg.lr_size, 3), dtype=np.uint8)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

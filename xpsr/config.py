@@ -88,7 +88,8 @@ class BenchConfig:
     workers: int = doc(2, "worker processes of prepare and of the DataLoader (what=data, include_data=true)")
     include_data: bool = doc(False, "what=train: batches from the DataLoader + text encoder (tiny preset only)")
     lr_size: int = doc(128, "what=infer: LR input size (output = 4x)")
-    tiled: bool = doc(True, "what=infer: tiled latent diffusion and VAE (64-latent tiles, 512 px VAE tiles)")
+    tiled: bool = doc(True, "what=infer: tiled latent diffusion (64-latent tiles) and VAE (512 px encoder / "
+                            "64-latent decoder tiles)")
     inference_steps: int = doc(20, "what=infer: denoising steps")
 
 
@@ -230,6 +231,11 @@ class DatasetConfig:
     seed: int = doc(0, "seed of the per-sample randomness (crop, flip, dropout)")
     allow_old_recipe: bool = doc(False, "read pair folders made by an older `prepare` recipe (warning) "
                                         "instead of failing; README: Data")
+    bad_manifest_lines: str = choice("error", ("error", "skip"),
+                                     "manifest lines that cannot be used (bad JSON, missing keys, paths leaving "
+                                     "the folder): fail naming them, or skip them with a warning naming them")
+    check_hashes: bool = doc(True, "compare each image read with the manifest's hr_hash/lr_hash (a changed or "
+                                   "swapped file fails naming the pair)")
 
 
 @dataclass
@@ -353,11 +359,26 @@ class InferConfig:
     seed: int = doc(0, "seed of the initial noise and the sampler")
     dtype: str = choice("fp32", ("fp32", "fp16", "bf16"), "weights and compute dtype")
     device: str = doc("auto", "'auto' (the accelerate process's device), 'cpu', 'cuda'")
-    latent_tile: int = doc(64, "latent tile size (x8 px); larger latents are denoised tile by tile; "
-                               "0 = never tile")
+    latent_tile: int = doc(64, "latent tile size (x8 px); larger latents are denoised tile by tile (see "
+                               "latent_tiling); 0 = never tile")
     latent_overlap: int = doc(16, "overlap of latent tiles")
-    vae_tile: int = doc(512, "VAE tile size in px (encode) / px/8 (decode); larger images go through tiles; "
-                             "0 = never tile")
+    latent_tiling: str = choice("ours", ("ours", "official"),
+                                "ours: tile when a side exceeds latent_tile, Gaussian weights sigma = tile/4; "
+                                "official: the official pipeline's rule (tile only when h*w > latent_tile^2, "
+                                "square tiles, its weights; official values latent_tile=320 latent_overlap=8)")
+    vae_tile: int = doc(1024, "VAE encoder tile in px (official encoder_tiled_size 1024), padded by the encoder's "
+                              "receptive field (120 px for SD's VAE); images up to tile + 2 x padding (1264 px "
+                              "for SD's VAE; the official tiles above 1088) are encoded whole; 0 = never tile")
+    vae_decoder_tile: int = doc(224, "VAE decoder tile in latents (official decoder_tiled_size 224), padded by "
+                                     "the decoder's receptive field (18 latents for SD's VAE); latents up to "
+                                     "tile + 2 x padding (260 for SD's VAE; the official tiles above 246) are "
+                                     "decoded whole; 0 = never tile")
+    vae_tile_attention: str = choice("global", ("global", "tile"),
+                                     "tiled VAE mid-block attention. global: every tile attends to the keys/values "
+                                     "of the whole image (exact; keeps them in memory); tile: attends within its "
+                                     "padded tile, as the official tiled VAE (approximate)")
+    vae_tile_cache_mb: int = doc(2048, "tiled VAE: MB of tile states kept between the whole-image GroupNorm "
+                                       "sweeps; beyond it tiles are recomputed (slower, memory stays bounded)")
     prompts: str = choice("cache", ("cache", "fixed"), "cache: prompts of each input from the prompt cache; "
                           "fixed: `prompt`/`quality_prompt` for every image")
     cache: str | None = doc(None, "prompt cache file (prompts=cache)")
@@ -369,6 +390,24 @@ class InferConfig:
                                       "empty content prompt instead of an error")
     prompt: str = doc("", "prompts=fixed: content prompt")
     quality_prompt: str = doc("", "prompts=fixed: quality prompt")
+
+
+@dataclass
+class ExportConfig:
+    """`xpsr export`: trained or official XPSR weights -> a diffusers folder with a model card."""
+
+    weights: str = doc("???", "a training run dir (final/trained.safetensors), a checkpoint folder "
+                              "(checkpoints/step-N), a trained .safetensors file, an official XPSR folder "
+                              "(imported), or an exported folder")
+    output: str = doc("???", "the folder to write (model_index.json, components, README.md model card)")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    overwrite: bool = doc(False, "write into an output folder that already has files")
+    license: str | None = doc(None, "model card `license` (a Hub licence id); null: apache-2.0 for the tiny "
+                                    "model, else 'other' with a line naming the base model whose licence applies")
+    base_model: str | None = doc(None, "model card `base_model` (a Hub model id); null: model.base when it is a "
+                                       "Hub id, else left out of the card")
+    push_to_hub: str | None = doc(None, "Hub repo id to upload the folder to (huggingface_hub.upload_folder; "
+                                        "needs network and a token); null = only write the folder")
 
 
 @dataclass

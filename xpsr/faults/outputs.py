@@ -228,8 +228,9 @@ def difference(a: object, b: object, path: str = "") -> str:
             ra, rb = a["rows"], b["rows"]
             lost, extra = len(set(ra) - set(rb)), len(set(rb) - set(ra))
             where = next((i for i, (x, y) in enumerate(zip(ra, rb)) if x != y), min(len(ra), len(rb)))
-            return (f"{path.rstrip('.') + ': ' if path else ''}{len(ra)} rows in the reference, {len(rb)} here: {lost} missing or changed, {extra} new "
-                    f"or changed, first difference at row {where + 1}")
+            where_file = path.rstrip(".") + ": " if path else ""
+            return (f"{where_file}{len(ra)} rows in the reference, {len(rb)} here: {lost} missing or changed, "
+                    f"{extra} new or changed, first difference at row {where + 1}")
         for key in sorted(set(a) | set(b), key=str):
             if a.get(key) != b.get(key):
                 if key not in a or key not in b:

@@ -7,6 +7,7 @@ Writes DIR/fault_injection.json and DIR/fault_injection.md; exits 1 if any trial
 inputs, logs and the folders of failing trials are under DIR/STAGE/.
 """
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -27,12 +28,23 @@ def main(argv=None) -> int:
                    help="subprocess: `python -m xpsr.cli` per run, imports included; forkserver: runs forked "
                         "from a process that imported the stages once (fast; kills land in the work)")
     p.add_argument("--trials", help="comma-separated trial numbers to run alone (repeat a failure)")
+    p.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE",
+                   help="an extra override for one stage's command line (repeatable), e.g. train:max_steps=3")
     p.add_argument("--no-control", action="store_true", help="skip the second uninterrupted run per stage")
     p.add_argument("--workdir", type=Path, required=True, help="where inputs, runs, logs and reports go")
     args = p.parse_args(argv)
+    # SIGTERM as an exception, so that the stage process running at that moment is killed on the way out
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    overrides: dict[str, list[str]] = {}
+    for item in args.set:
+        stage, sep, override = item.partition(":")
+        if not sep or "=" not in override or stage not in STAGES:
+            p.error(f"--set {item!r}: expected STAGE:KEY=VALUE with STAGE one of {', '.join(STAGES)}")
+        overrides.setdefault(stage, []).append(override)
     settings = Settings(workdir=args.workdir.resolve(), kills=args.kills, work_kills=args.work_kills,
                         write_kills=args.write_kills, seed=args.seed, chain_prob=args.chain_prob,
                         max_chain=args.max_chain, launcher=args.launcher, control=not args.no_control,
+                        overrides=overrides,
                         trials=[int(t) for t in args.trials.split(",")] if args.trials else None)
     report = run_campaign([s for s in args.stages.split(",") if s], settings)
     print((settings.workdir / "fault_injection.md").read_text())

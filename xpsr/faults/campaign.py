@@ -56,6 +56,7 @@ class Settings:
     control: bool = True  # a second uninterrupted run: the stage must be deterministic for the test to mean much
     trials: list[int] | None = None  # run only these trial numbers
     poll_s: float = 0.002
+    overrides: dict[str, list[str]] = field(default_factory=dict)  # stage -> extra `key=value` arguments
     modes: list[str] = field(default_factory=list)
 
     def __post_init__(self):
@@ -65,7 +66,8 @@ class Settings:
         """The command line that reruns this campaign (or one trial of it)."""
         cmd = (f"python scripts/fault_injection.py --stages {stage} --kills {self.kills} "
                f"--work-kills {self.work_kills} --write-kills {self.write_kills} --seed {self.seed} "
-               f"--launcher {self.launcher} --workdir {self.workdir}")
+               f"--chain-prob {self.chain_prob} --max-chain {self.max_chain} --launcher {self.launcher} "
+               f"--workdir {self.workdir}" + "".join(f" --set {stage}:{o}" for o in self.overrides.get(stage, [])))
         return cmd + (f" --trials {trial}" if trial is not None else "")
 
 
@@ -107,7 +109,7 @@ class StageRunner:
 
     @property
     def argv(self) -> list[str]:
-        return self.stage.argv(self.inputs, self.run_dir)
+        return self.stage.argv(self.inputs, self.run_dir) + list(self.settings.overrides.get(self.stage.name, []))
 
     def setup(self) -> None:
         if not (self.inputs / ".complete").is_file():

@@ -182,6 +182,15 @@ def watch(run: Run, root: Path, kill_at_s: float | None = None, kill_at_write: i
     """Follow ``run`` to its end, counting writes under ``root`` (a file or folder that appears or
     changes size/mtime between two polls); SIGKILL it at ``kill_at_s`` seconds or at the
     ``kill_at_write``-th write seen. A run that ends first was not killed (a miss)."""
+    try:
+        return _follow(run, root, kill_at_s, kill_at_write, poll_s, timeout_s)
+    except BaseException:  # the campaign itself interrupted (Ctrl-C, SIGTERM): leave no stage running
+        run.kill()
+        raise
+
+
+def _follow(run: Run, root: Path, kill_at_s: float | None, kill_at_write: int | None, poll_s: float,
+            timeout_s: float) -> Watch:
     writes: list[float] = []
     before = tree_state(root)
     while True:

@@ -129,8 +129,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           _caption_argv, Rules(volatile={"prompts.sqlite": ("created",)},
                                unique={"prompts.sqlite": ("image_hash", "kind", "captioner", "question")})),
     Stage("infer", "a folder of 6 LR images (32x24) with the tiny random model, 4 DDIM steps", _infer_inputs,
+          # the report describes its own session: what it made (counts, per-image records), its time, memory
           _infer_argv, Rules(volatile={"infer_report.json": ("seconds", "seconds_per_image", "done",
-                                                             "skipped_existing")})),
+                                                             "skipped_existing", "peak_rss_mb", "images",
+                                                             "truncated_prompts")})),
     Stage("eval", "PSNR and SSIM of 8 image pairs (160 px)", _eval_inputs, _eval_argv,
           Rules(volatile={"summary.json": ("settings.seconds",)})),
     Stage("train", "6 steps of the tiny model, a checkpoint after every step (all kept)", _train_inputs,

@@ -112,3 +112,26 @@ def test_a_killed_stage_rerun_to_completion_equals_an_uninterrupted_run(stage, t
     assert report["crashes"] == 0 and problems == [], problems
     if stage == "train":  # a rerun resumed from a checkpoint of the killed run, not from scratch
         assert report["resumed_at_steps"], report["records"]
+
+
+def test_eval_outputs_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """The fix for what the campaign found in eval (a kill mid-write left an empty summary.json)."""
+    from pathlib import Path
+
+    from xpsr.metrics.evaluate import write_text_atomic
+
+    target = tmp_path / "summary.json"
+    target.write_text('{"psnr": 1.0}')
+    real_write = Path.write_text
+
+    def torn_write(self, text, *args, **kwargs):  # half the text reaches the disk, then the process "dies"
+        real_write(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError("killed mid-write")
+
+    monkeypatch.setattr(Path, "write_text", torn_write)
+    with pytest.raises(OSError, match="killed mid-write"):
+        write_text_atomic(target, '{"psnr": 2.0, "ssim": 0.5}')
+    monkeypatch.undo()
+    assert target.read_text() == '{"psnr": 1.0}' and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+    write_text_atomic(target, '{"psnr": 2.0}')
+    assert json.loads(target.read_text()) == {"psnr": 2.0} and len(list(tmp_path.iterdir())) == 1

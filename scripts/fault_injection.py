@@ -48,7 +48,7 @@ def main(argv=None) -> int:
                         trials=[int(t) for t in args.trials.split(",")] if args.trials else None)
     report = run_campaign([s for s in args.stages.split(",") if s], settings)
     print((settings.workdir / "fault_injection.md").read_text())
-    return 1 if any(s["failures"] or s["control"] != "identical" for s in report["stages"].values()) else 0
+    return 1 if any(s["failures"] or isinstance(s["control"], list) for s in report["stages"].values()) else 0
 
 
 if __name__ == "__main__":

@@ -245,7 +245,7 @@ def summarize(stage: Stage, settings: Settings, runner: StageRunner, ref: Refere
         "summary": stage.summary, "command": "xpsr " + " ".join(runner.argv),
         "reference": {"seconds": round(ref.seconds, 2), "first_write_s": round(ref.first_write_s, 2),
                       "writes_seen": ref.writes, "files": len(ref.snapshot.files)},
-        "control": control_problems or "identical",
+        "control": control_problems or ("identical" if settings.control else "not run"),
         "trials": len(records), "trials_without_kill": sum(not r["kills"] for r in records),
         "kills": {m: sum(k["mode"] == m for k in kills) for m in MODES}, "kills_total": len(kills),
         "chained_trials": sum(len(r["kills"]) > 1 for r in records), "misses": sum(r["misses"] for r in records),

@@ -70,7 +70,7 @@ def stage_row(name: str, s: dict) -> str:
     kills = "/".join(str(s["kills"][m]) for m in MODES)
     landed = "/".join(str(s["landings"][label]) for label in LANDINGS)
     counts = {c: sum(any(category(p) == c for p in f["problems"]) for f in s["failures"]) for c in CATEGORIES}
-    control = "same" if s["control"] == "identical" else "DIFFERS"
+    control = {"identical": "same", "not run": "not run"}.get(s["control"], "DIFFERS")
     return (f"| {name} | {s['reference']['seconds']} | {s['kills_total']} ({kills}) | {landed} | {s['chained_trials']} "
             f"| {counts[CATEGORIES[0]]} | {counts[CATEGORIES[1]]} | {counts[CATEGORIES[2]]} | {counts[CATEGORIES[3]]} "
             f"| {control} |")
@@ -91,7 +91,7 @@ def markdown(report: dict) -> str:
     lines += [stage_row(name, s) for name, s in report["stages"].items()]
     for name, s in report["stages"].items():
         lines += ["", f"## {name}", "", f"{s['summary']}: `{s['command']}`", ""]
-        if s["control"] != "identical":
+        if isinstance(s["control"], list):
             lines += ["Control run differs from the reference: " + "; ".join(s["control"]), ""]
         if s.get("resumed_at_steps"):
             lines += [f"Reruns resumed from checkpoints of steps {s['resumed_at_steps']}.", ""]

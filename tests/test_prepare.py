@@ -80,6 +80,22 @@ def test_odd_inputs_are_handled_and_reported(tmp_path):
     assert skip["pairs_total"] == 3
 
 
+def test_a_resumed_run_reports_the_conversions_of_earlier_sessions(tmp_path):
+    """Found by scripts/fault_injection.py: a run killed after a converted source's pairs, then resumed,
+    wrote a report without that source's "converted" entry (its pairs were not remade)."""
+    src = make_sources(tmp_path / "src", n=1)
+    Image.fromarray(np.full((80, 90), 128, np.uint8)).save(src / "gray.png")
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    cfg = prepare_config([src], tmp_path / "out")
+    prepare_pairs(cfg)
+    report_path = tmp_path / "out" / "report.json"
+    first = json.loads(report_path.read_text())["entries"]
+    assert prepare_pairs(cfg)["pairs_made"] == 0
+    again = json.loads(report_path.read_text())
+    assert again["entries"] == first and again["stats"]["inputs_converted"] == 1
+    assert [e["decision"] for e in first] == ["skipped", "converted"]
+
+
 def test_test_set_mode_takes_one_centre_crop(tmp_path):
     src = make_sources(tmp_path / "src")
     prepare_pairs(prepare_config([src], tmp_path / "out", test_set=True, crops_per_image=5, variants=3))

@@ -266,6 +266,7 @@ def prepare_pairs(cfg: PrepareConfig) -> dict:
         writer.close()
     seconds = time.perf_counter() - start
     records = read_manifest(manifest_path)
+    entries = _with_earlier_conversions(entries, records)
     stats = {"pairs_made": made, "pairs_total": len(records), "pairs_skipped_as_done": len(done),
              "seconds": round(seconds, 3), "pairs_per_s": round(made / seconds, 3) if seconds > 0 else None,
              "inputs_skipped": sum(e["decision"] == "skipped" for e in entries),
@@ -276,6 +277,18 @@ def prepare_pairs(cfg: PrepareConfig) -> dict:
     if not records:
         raise NothingUsableError(f"prepare: no usable pair was produced in {out} (see report.json)")
     return stats
+
+
+def _with_earlier_conversions(entries: list[dict], records: list[dict]) -> list[dict]:
+    """The report's "converted" entries rebuilt from the manifest (the notes of each source's pairs), so a
+    run resumed after an interruption reports the sources converted by the session that made their pairs,
+    as an uninterrupted run would, once per source in manifest order."""
+    converted: dict[str, dict] = {}
+    for record in records:
+        if record.get("notes") and record["source"] not in converted:
+            converted[record["source"]] = {"source": record["source"], "decision": "converted",
+                                           "reason": "; ".join(record["notes"])}
+    return [e for e in entries if e["decision"] != "converted"] + list(converted.values())
 
 
 def _run(jobs: list[Job], cfg: PrepareConfig, writer: ManifestWriter, entries: list[dict]) -> int:

@@ -238,8 +238,8 @@ def evaluate(cfg: EvalConfig) -> dict:
                                            "pairs_named_differently_first": renamed[:5],
                                            "variants": {m: VARIANTS[m] for m in cfg.metrics},
                                            "seconds": round(time.perf_counter() - start, 2)}}
-    (out / "summary.json").write_text(json.dumps(summary_doc, indent=2))
-    (out / "table.md").write_text(markdown_table({cfg.label or sr_dir.name: summary}, cfg.metrics))
+    write_text_atomic(out / "summary.json", json.dumps(summary_doc, indent=2))
+    write_text_atomic(out / "table.md", markdown_table({cfg.label or sr_dir.name: summary}, cfg.metrics))
     print(markdown_table({cfg.label or sr_dir.name: summary}, cfg.metrics))
     return summary_doc
 
@@ -255,3 +255,14 @@ def markdown_table(results: dict[str, dict[str, float]], metrics: list[str]) -> 
             cells.append("–" if v is None else f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temp file and a rename: a run killed mid-write leaves the old file or none, never a
+    half-written one (found by scripts/fault_injection.py: a kill left an empty summary.json)."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

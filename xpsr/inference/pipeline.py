@@ -84,7 +84,8 @@ def start_latents(modules, lr_cond: torch.Tensor, scheduler, timesteps: torch.Te
     ``added_noise_level``; every scheduled step is sampled. sdedit: z_lr noised once to
     ``added_noise_level``; sampling starts at the first scheduled timestep at or below it. noise: N(0, I).
     Draws from ``generator`` in the official order: posterior sample, first noise, second noise."""
-    shape = (1, modules.unet.config.in_channels, lr_cond.shape[-2] // 8, lr_cond.shape[-1] // 8)
+    f = 2 ** (len(modules.vae.config.block_out_channels) - 1)  # the VAE's scale factor (8 for SD)
+    shape = (1, modules.unet.config.in_channels, lr_cond.shape[-2] // f, lr_cond.shape[-1] // f)
     if cfg.start_from == "noise":
         return torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma, timesteps
     if not 0 <= cfg.added_noise_level < len(scheduler.alphas_cumprod):

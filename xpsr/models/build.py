@@ -105,6 +105,25 @@ def load_base(base: str, revision: str | None = None, dtype: torch.dtype = torch
     return parts
 
 
+def vae_scale_factor(vae: AutoencoderKL) -> int:
+    """Pixels per latent along each side: one stride-2 stage per VAE block after the first (8 for SD)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def check_conditioning_factor(cfg: ModelConfig, vae: AutoencoderKL) -> None:
+    """The ControlNet's conditioning embedding must shrink the LR condition to the latent size: it has one
+    stride-2 stage per ``conditioning_channels`` entry after the first, so it needs log2(factor) + 1 entries."""
+    factor, widths = vae_scale_factor(vae), list(cfg.conditioning_channels)
+    if 2 ** (len(widths) - 1) != factor:
+        from xpsr.config import ConfigError
+
+        n = factor.bit_length()
+        raise ConfigError(
+            f"model.conditioning_channels={widths} shrinks the condition {2 ** (len(widths) - 1)}x, but the VAE of "
+            f"model.base={cfg.base!r} makes latents {factor}x smaller than the image: give {n} widths "
+            f"(e.g. {[8 * 2 ** min(i, 2) for i in range(n)]})")
+
+
 def inject_xpsr(unet: UNet2DConditionModel, controlnet: ControlNetModel, cfg: ModelConfig):
     """Add every XPSR module ``cfg`` asks for to a stock UNet/ControlNet pair (in place); returns both."""
     with torch.random.fork_rng(devices=[]):
@@ -163,6 +182,7 @@ def build_xpsr(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> XPSRModu
     else:
         parts = load_base(cfg.base, cfg.revision, dtype=dtype)
     unet = parts["unet"]
+    check_conditioning_factor(cfg, parts["vae"])
     if has_sfa(unet):
         raise ValueError("ControlNet must be derived from the stock UNet, before any injection")
     with torch.random.fork_rng(devices=[]):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from xpsr.config import ConfigError, DemoPriorConfig, DFCConfig, ModelConfig
-from xpsr.models.build import build_xpsr, vae_scale_factor
+from xpsr.inference.tiling import vae_scale_factor
+from xpsr.models.build import build_xpsr
 from xpsr.training.demo_data import write_sample_photos
 from xpsr.training.prior import ensure_prior
 

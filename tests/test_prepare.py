@@ -14,7 +14,9 @@ from xpsr.data.pairs import prepare_pairs, read_manifest
 
 
 def _bytes(folder):
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*.png"))}
+    """The images and the manifest (its lines in the same order whatever the worker count)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.suffix in (".png", ".jsonl")}
 
 
 def test_prepare_writes_pairs_manifest_and_report(tmp_path):

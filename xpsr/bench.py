@@ -32,8 +32,10 @@ def build_for_bench(cfg: BenchConfig, device: torch.device, with_text: bool = Fa
         width = TEXT_WIDTH[cfg.preset]
     for m in (modules.unet, modules.controlnet, modules.vae):
         m.to(device)
-    if cfg.dtype != "fp32":  # frozen weights in half precision, trainable master weights stay fp32
-        for m in (modules.unet, modules.vae):
+    if cfg.dtype != "fp32":  # as `xpsr train`: the VAE (and with frozen_unet_dtype=mixed_precision the frozen
+        # UNet) stored in half precision; trainable master weights stay fp32
+        half = [modules.vae] + ([modules.unet] if cfg.frozen_unet_dtype == "mixed_precision" else [])
+        for m in half:
             m.to(DTYPES[cfg.dtype])
         for p in trainable_parameters(modules.unet, modules.controlnet).values():
             p.data = p.data.float()
@@ -54,6 +56,14 @@ def _data_batches(cfg: BenchConfig, tmp: str, device: torch.device):
 
 
 def run_bench(cfg: BenchConfig) -> dict:
+    """One training step's timing (see `_run_bench`), with `deterministic` GPU kernels if asked."""
+    from xpsr.training.determinism import deterministic_mode
+
+    with deterministic_mode(cfg.deterministic):
+        return _run_bench(cfg)
+
+
+def _run_bench(cfg: BenchConfig) -> dict:
     """Build the preset and time ``warmup`` + ``steps`` real training steps (xpsr.training.step) + AdamW.
 
     ``include_data=false``: one random batch reused (model cost only; prompt embeddings precomputed).
@@ -128,6 +138,9 @@ def run_bench(cfg: BenchConfig) -> dict:
         "steps": cfg.steps, "step_s_mean": statistics.mean(times), "step_s_min": min(times),
         "step_s_std": statistics.pstdev(times), "images_per_s": b / statistics.mean(times), "build_s": build_s,
         "trainable_params": sum(p.numel() for p in params), "torch": torch.__version__,
+        "frozen_unet_dtype": cfg.frozen_unet_dtype, "deterministic": cfg.deterministic,
+        "frozen_unet_weights_mb": sum(p.numel() * p.element_size() for p in modules.unet.parameters()
+                                      if not p.requires_grad) / 2**20,
     }
     if device.type == "cuda":
         result["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -153,7 +166,7 @@ def run_infer_bench(cfg: BenchConfig) -> dict:
     big = 10**6
     infer = InferConfig(input="-", output_dir="-", num_inference_steps=cfg.inference_steps, scheduler="ddim",
                         process_size=64, dtype=cfg.dtype, latent_tile=64 if cfg.tiled else big,
-                        vae_tile=512 if cfg.tiled else big)
+                        vae_tile=512 if cfg.tiled else big, vae_decoder_tile=64 if cfg.tiled else big)
     lr = np.random.default_rng(cfg.seed).integers(0, 255, (cfg.lr_size, cfg.lr_size, 3), dtype=np.uint8)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

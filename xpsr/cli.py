@@ -18,6 +18,7 @@ from xpsr.config import (
     ConfigError,
     DemoConfig,
     EvalConfig,
+    ExportConfig,
     InferConfig,
     PrepareConfig,
     ServeConfig,
@@ -82,6 +83,16 @@ def cmd_infer(cfg: InferConfig) -> int:
 
     report = run_inference(cfg)
     return 1 if report["errors"] and not report["done"] else 0
+
+
+def cmd_export(cfg: ExportConfig) -> int:
+    """Weights -> a diffusers folder (model_index.json, components, model card) for XPSRPipeline."""
+    from xpsr.export import export_model
+
+    out = export_model(cfg)
+    pushed = f", pushed to {cfg.push_to_hub}" if cfg.push_to_hub else ""
+    print(f"export: {out} (load with XPSRPipeline.from_pretrained({str(out)!r})){pushed}")
+    return 0
 
 
 def cmd_eval(cfg: EvalConfig) -> int:
@@ -180,6 +191,7 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "demo": (DemoConfig, cmd_demo, "pairs -> prompts -> train -> SR -> metrics -> report.html, tiny model, CPU"),
     "bench": (BenchConfig, cmd_bench, "time one training step (JSON on stdout)"),
     "serve": (ServeConfig, cmd_serve, "a web app (Gradio): upload an image, get it super-resolved"),
+    "export": (ExportConfig, cmd_export, "weights -> a diffusers folder with a model card, for XPSRPipeline"),
 }
 
 

@@ -99,6 +99,9 @@ class BenchConfig:
     warmup: int = doc(2, "untimed steps first")
     device: str = doc("auto", "'auto', 'cpu' or 'cuda'")
     dtype: str = choice("fp32", ("fp32", "bf16", "fp16"), "autocast dtype of the forward (trainable weights stay fp32)")
+    frozen_unet_dtype: str = choice("fp32", ("fp32", "mixed_precision"),
+                                    "what=train: frozen UNet weights in fp32 (official) or in `dtype`")
+    deterministic: bool = doc(False, "what=train: deterministic GPU kernels, as `xpsr train deterministic=true`")
     gradient_checkpointing: bool = doc(False, "recompute activations in backward")
     compile: bool = doc(False, "torch.compile the UNet and ControlNet")
     fusion_mode: str = choice("sfa", FUSION_MODES, "fusion mode of the benchmarked model")
@@ -106,7 +109,8 @@ class BenchConfig:
     workers: int = doc(2, "worker processes of prepare and of the DataLoader (what=data, include_data=true)")
     include_data: bool = doc(False, "what=train: batches from the DataLoader + text encoder (tiny preset only)")
     lr_size: int = doc(128, "what=infer: LR input size (output = 4x)")
-    tiled: bool = doc(True, "what=infer: tiled latent diffusion and VAE (64-latent tiles, 512 px VAE tiles)")
+    tiled: bool = doc(True, "what=infer: tiled latent diffusion (64-latent tiles) and VAE (512 px encoder / "
+                            "64-latent decoder tiles)")
     inference_steps: int = doc(20, "what=infer: denoising steps")
 
 
@@ -248,6 +252,11 @@ class DatasetConfig:
     seed: int = doc(0, "seed of the per-sample randomness (crop, flip, dropout)")
     allow_old_recipe: bool = doc(False, "read pair folders made by an older `prepare` recipe (warning) "
                                         "instead of failing; README: Data")
+    bad_manifest_lines: str = choice("error", ("error", "skip"),
+                                     "manifest lines that cannot be used (bad JSON, missing keys, paths leaving "
+                                     "the folder): fail naming them, or skip them with a warning naming them")
+    check_hashes: bool = doc(True, "compare each image read with the manifest's hr_hash/lr_hash (a changed or "
+                                   "swapped file fails naming the pair)")
 
 
 @dataclass
@@ -264,10 +273,21 @@ class DFCConfig:
 
 @dataclass
 class ValidationConfig:
+    """Validation samples with the inference code (`xpsr.inference`): the settings of ``infer_config``
+    (an `xpsr infer` YAML; null = InferConfig's defaults, the official test config), then the sampling keys
+    below on top. Their defaults are the official validation (train.py `log_validation` + xpsr_valid.yaml)."""
+
     every: int = doc(0, "validate every N steps (0 = never)")
     num_images: int = doc(2, "validation pairs, taken in order from the first data folder")
-    num_inference_steps: int = doc(20, "sampling steps of the validation run")
-    guidance_scale: float = doc(5.5, "classifier-free guidance of the validation run")
+    infer_config: str | None = doc(None, "an `xpsr infer` YAML for prompts, resize, tiling, colour fix...; "
+                                         "null = InferConfig defaults (the official test config)")
+    scheduler: str = doc("unipc", "sampler, as `xpsr infer scheduler=` (official validation: UniPC)")
+    num_inference_steps: int = doc(20, "sampling steps (official: 20)")
+    guidance_scale: float = doc(5.5, "classifier-free guidance (paper 5.5; official validation config 4.5)")
+    start_from: str = doc("lr", "initial latent, as `xpsr infer start_from=` (official: the LR latent, twice noised)")
+    added_noise_level: int = doc(400, "timestep of the second noising of the LR latent (official validation: 400; "
+                                      "official test: 800)")
+    color_fix: str = doc("none", "colour fix, as `xpsr infer color_fix=` (official validation: none)")
     use_ema: bool = doc(True, "sample with the EMA weights when EMA is on")
 
 
@@ -282,7 +302,8 @@ class TrainConfig:
     max_steps: int = doc(1000, "optimizer steps")
     stop_at_step: int | None = doc(None, "end this session at this step with a checkpoint (time-limited jobs); "
                                          "the LR schedule still targets max_steps; resume=latest continues")
-    seed: int = doc(0, "seed of data order, noise, timesteps and fresh weights")
+    seed: int = doc(0, "seed of noise, timesteps, fresh weights, demo data and the global RNGs (the data "
+                       "order and crops have their own `data.seed`)")
     resume: str | None = doc(None, "'latest', a checkpoint folder, or null")
     batch_size: int = doc(2, "images per process per micro-step")
     gradient_accumulation_steps: int = doc(1, "micro-steps per optimizer step")
@@ -295,7 +316,14 @@ class TrainConfig:
     adam_epsilon: float = doc(1e-8, "AdamW epsilon")
     use_8bit_adam: bool = doc(False, "bitsandbytes AdamW8bit (needs a CUDA build of bitsandbytes)")
     max_grad_norm: float = doc(1.0, "gradient clipping (0 = off)")
-    mixed_precision: str = choice("fp32", ("fp32", "fp16", "bf16"), "autocast dtype; frozen weights are cast to it")
+    mixed_precision: str = choice("fp32", ("fp32", "fp16", "bf16"), "autocast dtype of the forward; the frozen VAE and "
+                                  "text encoder are stored in it (trainable weights stay fp32)")
+    frozen_unet_dtype: str = choice("fp32", ("fp32", "mixed_precision"),
+                                    "storage of the frozen UNet weights: fp32 (official; autocast computes in "
+                                    "mixed_precision) or mixed_precision (half the memory of those weights)")
+    deterministic: bool = doc(False, "deterministic GPU kernels: torch deterministic algorithms, cuBLAS workspace "
+                                     ":4096:8, cuDNN deterministic without autotuning (slower; CPU runs are "
+                                     "deterministic without it)")
     allow_tf32: bool = doc(False, "TF32 matmuls on Ampere+ GPUs")
     compile: bool = doc(False, "torch.compile the UNet and ControlNet")
     use_ema: bool = doc(False, "keep an exponential moving average of the trainable weights")
@@ -352,11 +380,26 @@ class InferConfig:
     seed: int = doc(0, "seed of the initial noise and the sampler")
     dtype: str = choice("fp32", ("fp32", "fp16", "bf16"), "weights and compute dtype")
     device: str = doc("auto", "'auto' (the accelerate process's device), 'cpu', 'cuda'")
-    latent_tile: int = doc(64, "latent tile size (x8 px); larger latents are denoised tile by tile; "
-                               "0 = never tile")
+    latent_tile: int = doc(64, "latent tile size (x8 px); larger latents are denoised tile by tile (see "
+                               "latent_tiling); 0 = never tile")
     latent_overlap: int = doc(16, "overlap of latent tiles")
-    vae_tile: int = doc(512, "VAE tile size in px (encode) / px/8 (decode); larger images go through tiles; "
-                             "0 = never tile")
+    latent_tiling: str = choice("ours", ("ours", "official"),
+                                "ours: tile when a side exceeds latent_tile, Gaussian weights sigma = tile/4; "
+                                "official: the official pipeline's rule (tile only when h*w > latent_tile^2, "
+                                "square tiles, its weights; official values latent_tile=320 latent_overlap=8)")
+    vae_tile: int = doc(1024, "VAE encoder tile in px (official encoder_tiled_size 1024), padded by the encoder's "
+                              "receptive field (120 px for SD's VAE); images up to tile + 2 x padding (1264 px "
+                              "for SD's VAE; the official tiles above 1088) are encoded whole; 0 = never tile")
+    vae_decoder_tile: int = doc(224, "VAE decoder tile in latents (official decoder_tiled_size 224), padded by "
+                                     "the decoder's receptive field (18 latents for SD's VAE); latents up to "
+                                     "tile + 2 x padding (260 for SD's VAE; the official tiles above 246) are "
+                                     "decoded whole; 0 = never tile")
+    vae_tile_attention: str = choice("global", ("global", "tile"),
+                                     "tiled VAE mid-block attention. global: every tile attends to the keys/values "
+                                     "of the whole image (exact; keeps them in memory); tile: attends within its "
+                                     "padded tile, as the official tiled VAE (approximate)")
+    vae_tile_cache_mb: int = doc(2048, "tiled VAE: MB of tile states kept between the whole-image GroupNorm "
+                                       "sweeps; beyond it tiles are recomputed (slower, memory stays bounded)")
     prompts: str = choice("cache", ("cache", "fixed"), "cache: prompts of each input from the prompt cache; "
                           "fixed: `prompt`/`quality_prompt` for every image")
     cache: str | None = doc(None, "prompt cache file (prompts=cache)")
@@ -368,6 +411,24 @@ class InferConfig:
                                       "empty content prompt instead of an error")
     prompt: str = doc("", "prompts=fixed: content prompt")
     quality_prompt: str = doc("", "prompts=fixed: quality prompt")
+
+
+@dataclass
+class ExportConfig:
+    """`xpsr export`: trained or official XPSR weights -> a diffusers folder with a model card."""
+
+    weights: str = doc("???", "a training run dir (final/trained.safetensors), a checkpoint folder "
+                              "(checkpoints/step-N), a trained .safetensors file, an official XPSR folder "
+                              "(imported), or an exported folder")
+    output: str = doc("???", "the folder to write (model_index.json, components, README.md model card)")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    overwrite: bool = doc(False, "write into an output folder that already has files")
+    license: str | None = doc(None, "model card `license` (a Hub licence id); null: apache-2.0 for the tiny "
+                                    "model, else 'other' with a line naming the base model whose licence applies")
+    base_model: str | None = doc(None, "model card `base_model` (a Hub model id); null: model.base when it is a "
+                                       "Hub id, else left out of the card")
+    push_to_hub: str | None = doc(None, "Hub repo id to upload the folder to (huggingface_hub.upload_folder; "
+                                        "needs network and a token); null = only write the folder")
 
 
 @dataclass

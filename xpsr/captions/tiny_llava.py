@@ -7,7 +7,6 @@ from pathlib import Path
 def build_tiny_llava(folder: str | Path, seed: int = 0) -> Path:
     """Write a few-MB LLaVA-1.5-shaped model + processor to ``folder``; loads with ``from_pretrained``."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -19,16 +18,9 @@ def build_tiny_llava(folder: str | Path, seed: int = 0) -> Path:
     )
 
     folder = Path(folder)
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["USER: describe the content and quality of this image. ASSISTANT: a blurry photo"] * 8,
-                            trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_byte_level_bpe(), unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>", pad_token="<pad>",
+                                        extra_special_tokens={"image_token": "<image>"})
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
                                          do_center_crop=True, do_resize=True)
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
@@ -51,3 +43,25 @@ def build_tiny_llava(folder: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+_CORPUS = "USER: describe the content and quality of this image. ASSISTANT: a blurry photo"
+
+
+def _byte_level_bpe():
+    """A byte-level BPE (Llama-tokenizer-like) over the corpus above: specials, the 256 byte symbols, then
+    merges learnt in pure Python (xpsr.models.tiny_bpe), so the ids are the same in every process."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from xpsr.models.tiny_bpe import build_vocab, byte_alphabet, learn_merges
+
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    words = [w for w, _ in pre.pre_tokenize_str(_CORPUS)]  # already in byte symbols ('Ġdescribe')
+    merges = learn_merges(words, 300, min_frequency=1)
+    tok = Tokenizer(models.BPE(vocab=build_vocab(_SPECIALS + byte_alphabet(), merges), merges=merges,
+                               unk_token="<unk>"))
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(_SPECIALS)
+    return tok

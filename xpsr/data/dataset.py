@@ -8,6 +8,8 @@ never touch SQLite) and a missing one fails there, naming the pair. Randomness p
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import warnings
 from pathlib import Path
 
@@ -17,13 +19,41 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from xpsr.config import DatasetConfig
-from xpsr.data.images import file_hash, load_rgb
-from xpsr.data.manifest import RecipeMismatchError, is_old_recipe, read_manifest, record_recipe
+from xpsr.data.images import ImageError, file_hash, load_rgb
+from xpsr.data.manifest import FIX_HINT, RecipeMismatchError, is_old_recipe, read_manifest_lines, record_recipe
+from xpsr.errors import XPSRError
 
 
 class MissingPromptError(KeyError):
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class PairDataError(XPSRError, ValueError):
+    """A pair that cannot be used as it is on disk (changed file, size mismatch, undecodable image).
+
+    A DataLoader worker's error reaches the main process rebuilt from a message holding the worker's whole
+    traceback; ``str`` keeps just our message and where it happened, so the CLI prints one readable line.
+    """
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        marker = f"{type(self).__module__}.{type(self).__qualname__}: "
+        if "\nOriginal Traceback" not in text or marker not in text:
+            return text
+        where = text.split("\n", 1)[0].removeprefix(f"Caught {type(self).__name__} ").rstrip(".")
+        return f"{text.rsplit(marker, 1)[1].strip()} ({where})"
+
+
+class _NamedBytes(io.BytesIO):
+    """File bytes in memory that print as their path (load_rgb's messages name the file)."""
+
+    def __init__(self, data: bytes, path: Path):
+        super().__init__(data)
+        self.path = path
+
+    def __str__(self) -> str:
+        return str(self.path)
 
 
 def _to_tensor(img: np.ndarray) -> torch.Tensor:
@@ -38,7 +68,11 @@ class PairedPromptDataset(Dataset):
         manifest = self.folder / "manifest.jsonl"
         if not manifest.is_file():
             raise FileNotFoundError(f"{manifest} does not exist: run `xpsr prepare` with output_dir={self.folder}")
-        self.records = read_manifest(manifest)
+        self.manifest = manifest
+        # read-only: a reader never repairs or rewrites the manifest (only `prepare`, holding its lock, does)
+        lines = read_manifest_lines(manifest, bad_lines=cfg.bad_manifest_lines,
+                                    hint=FIX_HINT + ", or set data.bad_manifest_lines=skip to leave them out")
+        self.line_numbers, self.records = [n for n, _ in lines], [r for _, r in lines]
         if not self.records:
             raise ValueError(f"{manifest} lists no pairs")
         scales = {r["scale"] for r in self.records}
@@ -46,8 +80,9 @@ class PairedPromptDataset(Dataset):
             raise ValueError(f"{manifest} mixes scales {sorted(scales)}")
         self.scale = scales.pop()
         self._check_recipes(manifest)
-        if cfg.crop_size % self.scale:
-            raise ValueError(f"crop_size {cfg.crop_size} is not a multiple of the scale x{self.scale}")
+        if cfg.crop_size < self.scale or cfg.crop_size % self.scale:
+            raise ValueError(f"data.crop_size={cfg.crop_size} is not a multiple of the scale x{self.scale} of "
+                             f"{manifest}: the LR crop would be {cfg.crop_size / self.scale:g} px")
         self.prompts = self._resolve_prompts()
 
     def _check_recipes(self, manifest: Path) -> None:
@@ -101,6 +136,29 @@ class PairedPromptDataset(Dataset):
             )
         return out
 
+    def _where(self, index: int) -> str:
+        return f"pair {self.records[index]['id']} (line {self.line_numbers[index]} of {self.manifest})"
+
+    def _read(self, index: int, key: str) -> np.ndarray:
+        """One image of a pair, read once: its bytes are hashed (against ``hr_hash``/``lr_hash``) and decoded."""
+        r = self.records[index]
+        path = self.folder / r[key]
+        data = path.read_bytes()
+        expected = r.get(f"{key}_hash")
+        if expected and self.cfg.check_hashes:
+            found = hashlib.sha256(data).hexdigest()
+            if not found.startswith(expected):
+                other = "lr" if key == "hr" else "hr"
+                raise PairDataError(
+                    f"{self._where(index)}: {path} has sha256 {found[:len(expected)]} but the manifest says "
+                    f"{key}_hash={expected}: the file was changed or swapped after `prepare` (its partner: "
+                    f"{self.folder / r[other]}). Delete that line and rerun `xpsr prepare` to remake the pair, "
+                    "or set data.check_hashes=false to use the files as they are")
+        try:
+            return load_rgb(_NamedBytes(data, path))[0]
+        except ImageError as e:
+            raise PairDataError(f"{self._where(index)}: {e}") from e
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
@@ -112,14 +170,14 @@ class PairedPromptDataset(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         cfg, r = self.cfg, self.records[index]
         rng = np.random.default_rng([cfg.seed, epoch, index])
-        hr, _ = load_rgb(self.folder / r["hr"])
-        lr, _ = load_rgb(self.folder / r["lr"])
+        hr, lr = self._read(index, "hr"), self._read(index, "lr")
         s, c = self.scale, cfg.crop_size
         if hr.shape[:2] != (lr.shape[0] * s, lr.shape[1] * s):
-            raise ValueError(f"pair {r['id']} in {self.folder}: HR {hr.shape[:2]} is not x{s} of LR {lr.shape[:2]}")
+            raise PairDataError(f"{self._where(index)}: HR {hr.shape[:2]} is not x{s} of LR {lr.shape[:2]}")
         lc = c // s
         if lr.shape[0] < lc or lr.shape[1] < lc:
-            raise ValueError(f"pair {r['id']}: LR {lr.shape[1]}x{lr.shape[0]} is smaller than the {lc}px crop")
+            raise PairDataError(f"{self._where(index)}: LR {lr.shape[1]}x{lr.shape[0]} is smaller than the {lc}px "
+                                "crop")
         y, x = int(rng.integers(0, lr.shape[0] - lc + 1)), int(rng.integers(0, lr.shape[1] - lc + 1))
         lr = lr[y:y + lc, x:x + lc]
         hr = hr[y * s:(y + lc) * s, x * s:(x + lc) * s]

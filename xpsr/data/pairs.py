@@ -12,26 +12,35 @@ The recipe (README: Data): crop -> USM sharpening -> the two-stage degradation o
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import multiprocessing as mp
+import os
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from xpsr.config import PrepareConfig, to_dict
 from xpsr.data.degradations import degrade, sample_degradation, sample_shared_draws, usm_sharpen
 from xpsr.data.images import ImageError, file_hash, list_images, load_rgb, save_png_atomic
 from xpsr.data.manifest import (
+    DiskFullError,
     ManifestWriter,
     NothingUsableError,
     check_resume_recipe,
+    is_temp_file,
     read_manifest,
     recipe_name,
+    remove_temp_files,
+    reporting_disk_full,
     write_report,
 )
 from xpsr.data.paired_import import import_paired
@@ -88,7 +97,7 @@ def _load(job: Job, cfg: PrepareConfig, result: dict) -> tuple[np.ndarray, list[
     """The source as RGB uint8, padded when small and allowed; None (with a report entry) when unusable."""
     try:
         img, notes = load_rgb(job.source)
-    except ImageError as e:
+    except (ImageError, Image.DecompressionBombError) as e:  # a bomb is refused by PIL before it decodes
         result["report"].append({"source": str(job.source), "decision": "skipped", "reason": str(e)})
         return None
     h, w = img.shape[:2]
@@ -114,54 +123,91 @@ def _params(job: Job, cfg: PrepareConfig, crop: int, variant: int) -> dict:
     return sample_degradation(cfg.degradation, rng, shared)
 
 
-def process_job(job: Job, cfg: PrepareConfig) -> dict:
-    """Make every pending pair of one source image; returns records and report entries."""
+def _make_pair(job: Job, cfg: PrepareConfig, img: np.ndarray, crop: int, variant: int, notes: list[str]) -> dict:
+    """Write one pair's HR and LR images; returns its manifest record."""
     out, d = Path(cfg.output_dir), cfg.degradation
+    h, w = img.shape[:2]
+    centre = cfg.test_set and cfg.test_crop == "centre"
+    y, x = _crop_box(np.random.default_rng([cfg.seed, int(job.source_hash, 16) % 2**63, crop]), h, w,
+                     cfg.crop_size, centre)
+    gt = img[y:y + cfg.crop_size, x:x + cfg.crop_size].astype(np.float32) / 255.0
+    hr = usm_sharpen(gt, d.usm_weight, d.usm_radius, d.usm_threshold) if d.usm_gt else gt
+    degraded_input = hr if d.degrade_sharpened else gt
+    params = _params(job, cfg, crop, variant)
+    lr_in = torch.from_numpy(np.ascontiguousarray(degraded_input)).permute(2, 0, 1)[None].to(torch.device(cfg.device))
+    lr = degrade(lr_in, params, cfg.scale)[0].permute(1, 2, 0).cpu().numpy()
+    pid = pair_id(job.source, job.source_hash, crop, variant, cfg.test_set)
+    for folder, image in (("hr", np.clip(hr, 0, 1)), ("lr", lr)):
+        with reporting_disk_full(out / folder / f"{pid}.png"):
+            save_png_atomic((image * 255).round().astype(np.uint8), out / folder / f"{pid}.png")
+    record = {
+        "id": pid, "hr": f"hr/{pid}.png", "lr": f"lr/{pid}.png", "source": str(job.source),
+        "hr_hash": file_hash(out / "hr" / f"{pid}.png"), "lr_hash": file_hash(out / "lr" / f"{pid}.png"),
+        "source_hash": job.source_hash, "crop_box": [x, y, cfg.crop_size, cfg.crop_size], "scale": cfg.scale,
+        "seed": cfg.seed, "crop_index": crop, "variant": variant, "usm": d.usm_gt,
+        "recipe": recipe_name(d.usm_gt, d.degrade_sharpened), "share_draws_every": cfg.share_draws_every,
+        "settings_hash": settings_hash(cfg), "degradation": params, "notes": notes,
+    }
+    if job.group is not None:
+        record["draw_group"] = job.group
+    return record
+
+
+def process_job(job: Job, cfg: PrepareConfig) -> dict:
+    """Make every pending pair of one source image; returns records, report entries and a disk-full error."""
     result: dict = {"records": [], "report": []}
     loaded = _load(job, cfg, result)
     if loaded is None:
         return result
     img, notes = loaded
-    h, w = img.shape[:2]
-    device = torch.device(cfg.device)
-    recipe = recipe_name(d.usm_gt, d.degrade_sharpened)
     for crop, variant in job.pairs:
-        centre = cfg.test_set and cfg.test_crop == "centre"
-        y, x = _crop_box(np.random.default_rng([cfg.seed, int(job.source_hash, 16) % 2**63, crop]), h, w,
-                         cfg.crop_size, centre)
-        gt = img[y:y + cfg.crop_size, x:x + cfg.crop_size].astype(np.float32) / 255.0
-        hr = usm_sharpen(gt, d.usm_weight, d.usm_radius, d.usm_threshold) if d.usm_gt else gt
-        degraded_input = hr if d.degrade_sharpened else gt
-        params = _params(job, cfg, crop, variant)
-        lr_in = torch.from_numpy(np.ascontiguousarray(degraded_input)).permute(2, 0, 1)[None].to(device)
-        lr = degrade(lr_in, params, cfg.scale)[0].permute(1, 2, 0).cpu().numpy()
-        pid = pair_id(job.source, job.source_hash, crop, variant, cfg.test_set)
-        save_png_atomic((np.clip(hr, 0, 1) * 255).round().astype(np.uint8), out / "hr" / f"{pid}.png")
-        save_png_atomic((lr * 255).round().astype(np.uint8), out / "lr" / f"{pid}.png")
-        record = {
-            "id": pid, "hr": f"hr/{pid}.png", "lr": f"lr/{pid}.png", "source": str(job.source),
-            "hr_hash": file_hash(out / "hr" / f"{pid}.png"), "lr_hash": file_hash(out / "lr" / f"{pid}.png"),
-            "source_hash": job.source_hash, "crop_box": [x, y, cfg.crop_size, cfg.crop_size], "scale": cfg.scale,
-            "seed": cfg.seed, "crop_index": crop, "variant": variant, "usm": d.usm_gt, "recipe": recipe,
-            "share_draws_every": cfg.share_draws_every, "settings_hash": settings_hash(cfg), "degradation": params,
-            "notes": notes,
-        }
-        if job.group is not None:
-            record["draw_group"] = job.group
-        result["records"].append(record)
+        try:
+            result["records"].append(_make_pair(job, cfg, img, crop, variant, notes))
+        except DiskFullError as e:  # raised by the parent once the pairs made before it have their lines
+            result["error"] = e
+            break
     return result
 
 
-def _worker(args: tuple[Job, PrepareConfig]) -> dict:
+def _init_worker(parent: int) -> None:
+    """Die with the parent: a worker orphaned by ``kill -9`` would go on writing into the folder."""
     torch.set_num_threads(1)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before that took effect
+        os._exit(1)
+
+
+def _worker(args: tuple[Job, PrepareConfig]) -> dict:
     return process_job(*args)
 
 
-def _jobs(cfg: PrepareConfig, done: set[str]) -> list[Job]:
+def _sources(cfg: PrepareConfig, entries: list[dict]) -> tuple[list[Path], list[str]]:
+    """Input images and their content hashes, each pair source once. Left out: our temp files, unreadable
+    files and repeats (same name and content: listed twice, or a copy), the last two reported."""
+    sources, hashes, first_of = [], [], {}
+    for src in list_images(cfg.inputs):
+        if is_temp_file(src):
+            continue
+        try:
+            h = file_hash(src)
+        except OSError as e:
+            entries.append({"source": str(src), "decision": "skipped", "reason": f"cannot read ({e.strerror})"})
+            continue
+        key = pair_id(src, h, 0, 0, cfg.test_set)
+        if key in first_of:  # it would make the very pairs (same ids) of the first one
+            entries.append({"source": str(src), "decision": "skipped", "reason": f"duplicate of {first_of[key]}"})
+            continue
+        first_of[key] = src
+        sources.append(src)
+        hashes.append(h)
+    return sources, hashes
+
+
+def _jobs(cfg: PrepareConfig, done: set[str], entries: list[dict]) -> list[Job]:
     crops = 1 if cfg.test_set else cfg.crops_per_image
     variants = 1 if cfg.test_set else cfg.variants
-    sources = list_images(cfg.inputs)
-    hashes = [file_hash(src) for src in sources]
+    sources, hashes = _sources(cfg, entries)
     jobs = []
     for src, h, group in zip(sources, hashes, draw_groups(hashes, cfg.share_draws_every)):
         todo = [(c, v) for c in range(crops) for v in range(variants)
@@ -171,37 +217,52 @@ def _jobs(cfg: PrepareConfig, done: set[str]) -> list[Job]:
     return jobs
 
 
-def prepare_pairs(cfg: PrepareConfig) -> dict:
-    """Run `prepare`; returns the stats written to report.json. Raises if nothing usable exists."""
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.paired_hr or cfg.paired_lr:
-        return import_paired(cfg)
+def _check_settings(cfg: PrepareConfig) -> None:
+    """Settings that disagree with each other, refused before anything is written."""
     if not cfg.inputs:
         raise ValueError("prepare: give inputs=[DIR,...] (HR folders) or paired_hr=DIR paired_lr=DIR")
     if cfg.share_draws_every < 1:
         raise ValueError(f"prepare: share_draws_every must be >= 1, got {cfg.share_draws_every}")
+    c, s = cfg.crop_size, cfg.scale
+    if s < 1:
+        raise ValueError(f"prepare: scale={s} must be >= 1")
+    if c < s or c % s:
+        raise ValueError(f"prepare: crop_size={c} is not a multiple of scale={s}: a {c} px HR crop has no whole "
+                         f"LR crop ({c}/{s} = {c / s:g} px); use e.g. crop_size={max(s, c // s * s)}")
+    out = os.path.realpath(cfg.output_dir)
+    for i, folder in enumerate(cfg.inputs):
+        if not Path(folder).exists():
+            raise FileNotFoundError(f"prepare: input folder {folder} (inputs[{i}]) does not exist")
+        inp = os.path.realpath(folder)
+        if os.path.commonpath([out, inp]) in (out, inp):
+            raise ValueError(f"prepare: output_dir={cfg.output_dir} and inputs[{i}]={folder} overlap: the pairs "
+                             "written would be read back as HR sources; write to a separate folder")
+
+
+def prepare_pairs(cfg: PrepareConfig) -> dict:
+    """Run `prepare`; returns the stats written to report.json. Raises if nothing usable exists."""
+    out = Path(cfg.output_dir)
+    if cfg.paired_hr or cfg.paired_lr:
+        out.mkdir(parents=True, exist_ok=True)
+        return import_paired(cfg)
+    _check_settings(cfg)
+    out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.jsonl"
-    existing = read_manifest(manifest_path)
-    d = cfg.degradation
-    check_resume_recipe(manifest_path, existing, recipe_name(d.usm_gt, d.degrade_sharpened),
-                        {"share_draws_every": cfg.share_draws_every, "settings_hash": settings_hash(cfg)})
-    done = {r["id"] for r in existing}
-    jobs, entries = _jobs(cfg, done), []
-    total = sum(len(j.pairs) for j in jobs)
-    writer = ManifestWriter(manifest_path)
-    made, start = 0, time.perf_counter()
-    workers = 0 if cfg.device != "cpu" else cfg.workers
+    writer = ManifestWriter(manifest_path)  # the lock: one writer per folder
     try:
-        with tqdm(total=total, desc="prepare", unit="pair") as bar:
-            if workers > 0:
-                ctx = mp.get_context("spawn")
-                with ctx.Pool(workers) as pool:
-                    results = pool.imap_unordered(_worker, [(j, cfg) for j in jobs])
-                    made = _consume(results, writer, entries, bar)
-            else:
-                made = _consume((process_job(j, cfg) for j in jobs), writer, entries, bar)
+        removed = remove_temp_files(out)
+        if removed:
+            print(f"prepare: removed {removed} temp files left in {out} by an interrupted run")
+        existing = read_manifest(manifest_path, repair=True)
+        d = cfg.degradation
+        check_resume_recipe(manifest_path, existing, recipe_name(d.usm_gt, d.degrade_sharpened),
+                            {"share_draws_every": cfg.share_draws_every, "settings_hash": settings_hash(cfg)})
+        done, entries = {r["id"] for r in existing}, []
+        jobs = _jobs(cfg, done, entries)
+        start = time.perf_counter()
+        made = _run(jobs, cfg, writer, entries)
     finally:
+        remove_temp_files(out)  # those of workers stopped by an error
         writer.close()
     seconds = time.perf_counter() - start
     records = read_manifest(manifest_path)
@@ -217,6 +278,18 @@ def prepare_pairs(cfg: PrepareConfig) -> dict:
     return stats
 
 
+def _run(jobs: list[Job], cfg: PrepareConfig, writer: ManifestWriter, entries: list[dict]) -> int:
+    """Make the pairs of ``jobs``; manifest lines go in job order whatever the worker count (same bytes)."""
+    total = sum(len(j.pairs) for j in jobs)
+    workers = 0 if cfg.device != "cpu" else cfg.workers
+    with tqdm(total=total, desc="prepare", unit="pair") as bar:
+        if workers == 0:
+            return _consume((process_job(j, cfg) for j in jobs), writer, entries, bar)
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(os.getpid(),)) as pool:
+            return _consume(pool.imap(_worker, [(j, cfg) for j in jobs]), writer, entries, bar)
+
+
 def _consume(results, writer: ManifestWriter, entries: list[dict], bar) -> int:
     made = 0
     for result in results:
@@ -225,4 +298,6 @@ def _consume(results, writer: ManifestWriter, entries: list[dict], bar) -> int:
             made += 1
         entries += result["report"]
         bar.update(len(result["records"]))
+        if "error" in result:
+            raise result["error"]
     return made

@@ -1,6 +1,8 @@
 """XPSR super-resolution of one image: prompts, start latent, tiled CFG denoising, tiled VAE, colour fix."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,13 @@ from PIL import Image
 
 from xpsr.config import InferConfig
 from xpsr.inference.color import fix_colors
-from xpsr.inference.tiling import tiled_apply, vae_decode, vae_encode
+from xpsr.inference.tiling import (
+    blend_latent_tiles,
+    vae_decode,
+    vae_posterior,
+    vae_scale_factor,
+    vae_tile_options,
+)
 from xpsr.models.forward import predict_noise
 from xpsr.models.text import encode_prompts
 
@@ -22,13 +30,13 @@ def make_scheduler(name: str, base_config):
     return SCHEDULERS[name].from_config(base_config, **extra)
 
 
-def output_size(h: int, w: int, cfg: InferConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+def output_size(h: int, w: int, cfg: InferConfig, multiple: int = 8) -> tuple[tuple[int, int], tuple[int, int]]:
     """(final size, processing size), as the official test script: an output whose short side is below
     ``process_size`` is processed with that short side (long side truncated), and both sides are rounded
-    down to multiples of 8."""
+    down to multiples of ``multiple`` (the VAE's scale factor; 8 in the official script)."""
     th, tw = h * cfg.upscale, w * cfg.upscale
     ph, pw = _grown(th, tw, cfg.process_size)
-    return (th, tw), (max(ph // 8 * 8, 8), max(pw // 8 * 8, 8))
+    return (th, tw), (max(ph // multiple * multiple, multiple), max(pw // multiple * multiple, multiple))
 
 
 def _grown(h: int, w: int, short: int) -> tuple[int, int]:
@@ -45,35 +53,13 @@ def noise_to(x: torch.Tensor, noise: torch.Tensor, t: int, scheduler) -> torch.T
     return ab.sqrt() * x + (1 - ab).sqrt() * noise
 
 
-def lr_posterior_sample(vae, image: torch.Tensor, tile: int | None, generator: torch.Generator,
-                        overlap: int = 64) -> torch.Tensor:
-    """Scaled latents ``(mean + std * eps) * scaling_factor`` of the VAE posterior of ``image`` (in [-1, 1]),
-    eps ~ N(0, I) over the whole latent from ``generator`` (the official ``latent_dist.sample(generator)``).
-
-    Larger than ``tile`` px, the image is encoded in windows (as ``vae_encode``) and the per-window samples,
-    which share one eps, are blended: that equals blending the windows' means and stds, then sampling."""
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    h, w = image.shape[-2] // factor, image.shape[-1] // factor
-    eps = torch.randn((1, vae.config.latent_channels, h, w), generator=generator).to(image.device)
-    dtype = next(vae.parameters()).dtype
-
-    def window(y: int, x: int, th: int, tw: int) -> torch.Tensor:
-        crop = image[:, :, y * factor:(y + th) * factor, x * factor:(x + tw) * factor]
-        posterior = vae.encode(crop.to(dtype)).latent_dist
-        return posterior.mean.float() + posterior.std.float() * eps[:, :, y:y + th, x:x + tw]
-
-    if not tile or max(image.shape[-2:]) <= tile:
-        return window(0, 0, h, w) * vae.config.scaling_factor
-    return tiled_apply(window, h, w, tile // factor, overlap // factor) * vae.config.scaling_factor
-
-
 def lr_latents(modules, lr_cond: torch.Tensor, cfg: InferConfig, generator: torch.Generator) -> torch.Tensor:
     """Scaled latents of the condition image (the upscaled LR, [0, 1] -> [-1, 1]): a posterior sample
     (``lr_latent=sample``, official; the first draw from ``generator``) or the posterior mean."""
-    image = lr_cond * 2 - 1
-    if cfg.lr_latent == "mean":
-        return vae_encode(modules.vae, image, cfg.vae_tile)
-    return lr_posterior_sample(modules.vae, image, cfg.vae_tile, generator)
+    mean, std = vae_posterior(modules.vae, lr_cond * 2 - 1, cfg.vae_tile, **vae_tile_options(cfg))
+    if cfg.lr_latent == "sample":
+        mean = mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)
+    return mean * modules.vae.config.scaling_factor
 
 
 def start_latents(modules, lr_cond: torch.Tensor, scheduler, timesteps: torch.Tensor, cfg: InferConfig,
@@ -84,7 +70,7 @@ def start_latents(modules, lr_cond: torch.Tensor, scheduler, timesteps: torch.Te
     ``added_noise_level``; every scheduled step is sampled. sdedit: z_lr noised once to
     ``added_noise_level``; sampling starts at the first scheduled timestep at or below it. noise: N(0, I).
     Draws from ``generator`` in the official order: posterior sample, first noise, second noise."""
-    f = 2 ** (len(modules.vae.config.block_out_channels) - 1)  # the VAE's scale factor (8 for SD)
+    f = vae_scale_factor(modules.vae)
     shape = (1, modules.unet.config.in_channels, lr_cond.shape[-2] // f, lr_cond.shape[-1] // f)
     if cfg.start_from == "noise":
         return torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma, timesteps
@@ -107,35 +93,36 @@ def start_latents(modules, lr_cond: torch.Tensor, scheduler, timesteps: torch.Te
 
 def guided_noise(modules, latents, t, lr_cond, content, quality, cfg: InferConfig) -> torch.Tensor:
     """CFG noise prediction; both prompt embeddings are batched [negative; positive] for ControlNet and UNet.
-    Latents larger than ``latent_tile`` are predicted tile by tile with Gaussian blending."""
+    Large latents are predicted tile by tile (``latent_tiling``) and blended before the guidance, as the
+    official pipeline does."""
     dtype = next(modules.unet.parameters()).dtype
     guided = cfg.guidance_scale > 1.0
+    f = vae_scale_factor(modules.vae)
 
     def window(y: int, x: int, h: int, w: int) -> torch.Tensor:
         z = latents[:, :, y:y + h, x:x + w]
-        cond = lr_cond[:, :, y * 8:(y + h) * 8, x * 8:(x + w) * 8]
+        cond = lr_cond[:, :, y * f:(y + h) * f, x * f:(x + w) * f]
         if guided:
             z, cond = torch.cat([z, z]), torch.cat([cond, cond])
         eps, _ = predict_noise(modules.unet, modules.controlnet, z.to(dtype), t.expand(z.shape[0]), content,
                                quality, cond.to(dtype), conditioning_scale=cfg.conditioning_scale)
-        eps = eps.float()
-        if guided:
-            uncond, text = eps.chunk(2)
-            eps = uncond + cfg.guidance_scale * (text - uncond)
-        return eps
+        return eps.float()
 
     h, w = latents.shape[-2:]
-    if not cfg.latent_tile or max(h, w) <= cfg.latent_tile:
-        return window(0, 0, h, w)
-    return tiled_apply(window, h, w, cfg.latent_tile, cfg.latent_overlap)
+    eps = blend_latent_tiles(window, h, w, cfg.latent_tile, cfg.latent_overlap, cfg.latent_tiling)
+    if guided:
+        uncond, text = eps.chunk(2)
+        eps = uncond + cfg.guidance_scale * (text - uncond)
+    return eps
 
 
-def condition_image(lr: np.ndarray, cfg: InferConfig, device) -> torch.Tensor:
+def condition_image(lr: np.ndarray, cfg: InferConfig, device, multiple: int = 8) -> torch.Tensor:
     """The ControlNet condition: the LR enlarged to the processing size, (1, 3, ph, pw) in [0, 1].
 
     ``resize=pil`` repeats the official test script on 8-bit images: PIL bicubic x upscale, then (short side
-    below ``process_size``) PIL bilinear with antialiasing up to it, then PIL bicubic to multiples of 8."""
-    (th, tw), (ph, pw) = output_size(lr.shape[0], lr.shape[1], cfg)
+    below ``process_size``) PIL bilinear with antialiasing up to it, then PIL bicubic to multiples of
+    ``multiple`` (the VAE's scale factor; 8 in the official script)."""
+    (th, tw), (ph, pw) = output_size(lr.shape[0], lr.shape[1], cfg, multiple)
     if cfg.resize == "torch":
         t = torch.from_numpy(np.ascontiguousarray(lr)).permute(2, 0, 1)[None].float().div(255).to(device)
         return F.interpolate(t, size=(ph, pw), mode="bicubic", align_corners=False).clamp(0, 1)
@@ -162,11 +149,17 @@ def final_resize(image: torch.Tensor, size: tuple[int, int], cfg: InferConfig) -
 
 @torch.no_grad()
 def super_resolve(modules, lr: np.ndarray, content_prompt: str, quality_prompt: str, cfg: InferConfig,
-                  device: torch.device) -> np.ndarray:
-    """RGB uint8 LR (h, w, 3) -> RGB uint8 SR (h*upscale, w*upscale, 3)."""
-    generator = torch.Generator().manual_seed(cfg.seed)
+                  device: torch.device, *, generator: torch.Generator | None = None,
+                  on_step_end: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                  progress: Callable[[Iterable], Iterable] | None = None) -> np.ndarray:
+    """RGB uint8 LR (h, w, 3) -> RGB uint8 SR (h*upscale, w*upscale, 3).
+
+    Hooks for the diffusers face (``XPSRPipeline``), all optional: ``generator`` (a CPU generator) replaces
+    the one seeded with ``cfg.seed``; ``on_step_end(i, t, latents)`` runs after each step and returns the
+    latents to go on with; ``progress`` wraps the timesteps (a progress bar)."""
+    generator = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
     (th, tw), _ = output_size(lr.shape[0], lr.shape[1], cfg)
-    lr_cond = condition_image(lr, cfg, device)
+    lr_cond = condition_image(lr, cfg, device, vae_scale_factor(modules.vae))
     dtype = next(modules.unet.parameters()).dtype
 
     # prompts: [negative; positive] for both branches; the added prompt follows a space (official script)
@@ -181,12 +174,14 @@ def super_resolve(modules, lr: np.ndarray, content_prompt: str, quality_prompt: 
     scheduler.set_timesteps(cfg.num_inference_steps, device=device)
     latents, timesteps = start_latents(modules, lr_cond, scheduler, scheduler.timesteps, cfg, generator, device)
 
-    for t in timesteps:
+    for i, t in enumerate(progress(timesteps) if progress else timesteps):
         model_in = scheduler.scale_model_input(latents, t)
         eps = guided_noise(modules, model_in, t, lr_cond, c, q, cfg)
         step_kwargs = {"generator": generator} if cfg.scheduler == "ddpm" else {}
         latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
+        if on_step_end is not None:
+            latents = on_step_end(i, t, latents)
 
-    image = (vae_decode(modules.vae, latents, cfg.vae_tile // 8 if cfg.vae_tile else None) + 1) / 2
+    image = (vae_decode(modules.vae, latents, cfg.vae_decoder_tile, **vae_tile_options(cfg)) + 1) / 2
     image = fix_colors(image.clamp(0, 1), lr_cond.float(), cfg.color_fix, cfg.color_fix_8bit)
     return final_resize(image, (th, tw), cfg)

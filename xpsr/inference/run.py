@@ -1,8 +1,9 @@
 """`xpsr infer`: a folder (or one image) of LR inputs -> SR outputs named like the inputs. Resumable.
 
 Weights: our trained .safetensors (its stored model settings are used), a training run dir (final/),
-an exported diffusers-style folder, or an official XPSR folder (imported). Per-image problems are
-reported in ``infer_report.json`` and skipped; several processes split the inputs (accelerate).
+an `xpsr export` folder (every part from it), an exported unet/controlnet folder, or an official XPSR
+folder (imported). Per-image problems are reported in ``infer_report.json`` and skipped; several
+processes split the inputs (accelerate).
 """
 from __future__ import annotations
 
@@ -44,6 +45,12 @@ def load_modules(cfg: InferConfig) -> XPSRModules:
         return modules
     if not weights.is_dir():
         raise FileNotFoundError(f"weights={weights} does not exist")
+    if (weights / "model_index.json").is_file():  # `xpsr export` / save_pretrained: every part is in the folder
+        from xpsr.inference.diffusers_pipeline import XPSRPipeline
+
+        pipe = XPSRPipeline.from_pretrained(weights)
+        return XPSRModules(unet=pipe.unet, controlnet=pipe.controlnet, vae=pipe.vae, text_encoder=pipe.text_encoder,
+                           tokenizer=pipe.tokenizer, scheduler=pipe.scheduler, config=pipe.xpsr_config)
     if (weights / "controlnet" / "config.json").is_file() and "xpsr" in json.loads(
             (weights / "controlnet" / "config.json").read_text()):
         unet, controlnet, model_cfg = load_exported(weights)

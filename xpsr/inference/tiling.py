@@ -1,13 +1,20 @@
-"""Tiles: overlapping windows with Gaussian weights, so tiled results blend without seams.
+"""Tiles: latent diffusion tile by tile with blended overlaps, and the entry points of the tiled VAE.
 
-Latent diffusion is tiled at every UNet/ControlNet call; the VAE encodes/decodes tile by tile. Memory
-then depends on the tile size, not on the image size.
+Latents larger than a tile are denoised tile by tile at every UNet/ControlNet call and blended with
+Gaussian weights: ``latent_tiling=ours`` tiles when a side exceeds the tile (weights sigma = size / 4),
+``official`` repeats the official pipeline (tiles only when h * w > tile^2, square tiles, its weights and
+summation order). The VAE goes through tiles that reproduce the untiled result (``vae_tiling``).
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
+
+from xpsr.inference.vae_tiling import run_tiled
+
+LATENT_TILINGS = ("ours", "official")
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -28,12 +35,9 @@ def gaussian_weight(h: int, w: int, device=None, dtype=torch.float32) -> torch.T
     return (wy[:, None] * wx[None, :])[None, None]
 
 
-def tiled_apply(fn: Callable[[int, int, int, int], torch.Tensor], height: int, width: int, tile: int, overlap: int,
-                scale: int = 1) -> torch.Tensor:
-    """Blend ``fn(y, x, h, w)`` over tiles of the input grid; outputs are ``scale`` x the input grid.
-
-    ``fn`` returns a (B, C, h*scale, w*scale) tensor for the input window at (y, x) of size (h, w).
-    """
+def tiled_apply(fn: Callable[[int, int, int, int], torch.Tensor], height: int, width: int, tile: int,
+                overlap: int) -> torch.Tensor:
+    """Blend ``fn(y, x, h, w)`` (a (B, C, h, w) tensor for the window at (y, x)) over tiles of the grid."""
     out = weights = None
     for y in tile_starts(height, tile, overlap):
         for x in tile_starts(width, tile, overlap):
@@ -41,39 +45,104 @@ def tiled_apply(fn: Callable[[int, int, int, int], torch.Tensor], height: int, w
             piece = fn(y, x, h, w)
             if out is None:
                 b, c = piece.shape[:2]
-                out = piece.new_zeros((b, c, height * scale, width * scale), dtype=torch.float32)
-                weights = piece.new_zeros((1, 1, height * scale, width * scale), dtype=torch.float32)
-            g = gaussian_weight(h * scale, w * scale, piece.device)
-            ys, xs = slice(y * scale, (y + h) * scale), slice(x * scale, (x + w) * scale)
-            out[:, :, ys, xs] += piece.float() * g
-            weights[:, :, ys, xs] += g
+                out = piece.new_zeros((b, c, height, width), dtype=torch.float32)
+                weights = piece.new_zeros((1, 1, height, width), dtype=torch.float32)
+            g = gaussian_weight(h, w, piece.device)
+            out[:, :, y:y + h, x:x + w] += piece.float() * g
+            weights[:, :, y:y + h, x:x + w] += g
     return out / weights
 
 
-def vae_encode(vae, image: torch.Tensor, tile: int | None, overlap: int = 64) -> torch.Tensor:
-    """Scaled latents (mean of the posterior) of ``image`` in [-1, 1]; tiled when larger than ``tile`` px."""
-    scale = vae.config.scaling_factor
-    dtype = next(vae.parameters()).dtype
-    h, w = image.shape[-2:]
-    if not tile or max(h, w) <= tile:
-        return vae.encode(image.to(dtype)).latent_dist.mean.float() * scale
-    f = 8
+def official_gaussian_weight(size: int) -> torch.Tensor:
+    """(size, size) float64 weights of the official pipeline's ``_gaussian_weights``: variance 0.01 of the
+    tile size; its columns are centred at (size - 1) / 2 but its rows at size / 2 (kept as it is)."""
+    var = 0.01
 
-    def window(y, x, th, tw):
-        return vae.encode(image[:, :, y * f:(y + th) * f, x * f:(x + tw) * f].to(dtype)).latent_dist.mean
+    def probs(mid: float) -> list:
+        return [np.exp(-(i - mid) * (i - mid) / (size * size) / (2 * var)) / np.sqrt(2 * np.pi * var)
+                for i in range(size)]
 
-    return tiled_apply(window, h // f, w // f, tile // f, overlap // f) * scale
+    return torch.tensor(np.outer(probs(size / 2), probs((size - 1) / 2)))
 
 
-def vae_decode(vae, latents: torch.Tensor, tile: int | None, overlap: int = 8) -> torch.Tensor:
-    """Images in [-1, 1] from scaled latents; tiled when the latent is larger than ``tile`` latent px."""
-    z = latents / vae.config.scaling_factor
-    dtype = next(vae.parameters()).dtype
-    h, w = z.shape[-2:]
-    if not tile or max(h, w) <= tile:
-        return vae.decode(z.to(dtype)).sample.float()
+def official_tiled_apply(fn: Callable[[int, int, int, int], torch.Tensor], height: int, width: int, tile: int,
+                         overlap: int) -> torch.Tensor:
+    """The official pipeline's latent tiling: square tiles of min(tile, height, width) at the same offsets as
+    ``tile_starts``, visited column-major, each multiplied by the float64 weights and summed in float32."""
+    size = min(tile, height, width)
+    if size <= overlap:
+        raise ValueError(f"latent_tiling=official: the tile ({size} latents) must exceed latent_overlap={overlap} "
+                         "(the official loop never ends otherwise)")
+    weight = official_gaussian_weight(size)
+    out = contributors = None
+    for x in tile_starts(width, size, overlap):
+        for y in tile_starts(height, size, overlap):
+            piece = fn(y, x, size, size)
+            if out is None:
+                shape = (*piece.shape[:2], height, width)
+                out = torch.zeros(shape, device=piece.device)
+                contributors = torch.zeros(shape, device=piece.device)
+            w = weight.to(piece.device)
+            out[:, :, y:y + size, x:x + size] += piece * w
+            contributors[:, :, y:y + size, x:x + size] += w
+    out /= contributors
+    return out
 
-    def window(y, x, th, tw):
-        return vae.decode(z[:, :, y:y + th, x:x + tw].to(dtype)).sample
 
-    return tiled_apply(window, h, w, tile, overlap, scale=8)
+def blend_latent_tiles(fn: Callable[[int, int, int, int], torch.Tensor], height: int, width: int, tile: int,
+                       overlap: int, rule: str = "ours") -> torch.Tensor:
+    """``fn`` over the whole latent grid, or tile by tile when ``rule`` says the grid is too large for one:
+    ours when a side exceeds ``tile``, official when height * width > tile^2; ``tile`` 0 never tiles."""
+    if rule not in LATENT_TILINGS:
+        raise ValueError(f"latent_tiling must be one of {LATENT_TILINGS}, got {rule!r}")
+    if rule == "official":
+        if not tile or height * width <= tile * tile:
+            return fn(0, 0, height, width)
+        return official_tiled_apply(fn, height, width, tile, overlap)
+    if not tile or max(height, width) <= tile:
+        return fn(0, 0, height, width)
+    return tiled_apply(fn, height, width, tile, overlap)
+
+
+def vae_scale_factor(vae) -> int:
+    """Pixels per latent along a side, from the VAE's config (diffusers' convention: one 2x downsampler
+    between consecutive blocks)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def vae_tile_options(cfg) -> dict:
+    """The tiled-VAE keyword arguments of an ``InferConfig``."""
+    return {"attention": cfg.vae_tile_attention, "cache_mb": cfg.vae_tile_cache_mb}
+
+
+def vae_posterior(vae, image: torch.Tensor, tile: int | None, *, pad: int | None = None, attention: str = "global",
+                  cache_mb: float = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the VAE posterior of ``image`` in [-1, 1], unscaled, float32.
+
+    Images whose longer side exceeds ``tile`` + 2 ``pad`` px go through tiles of ``tile`` px padded by
+    ``pad`` (default: the encoder's receptive field) with whole-image GroupNorm statistics, which gives the
+    untiled result (see ``vae_tiling``); ``tile`` None/0 never tiles. The std follows diffusers'
+    ``DiagonalGaussianDistribution`` (log-variance clamped to [-30, 20])."""
+    x = image.to(next(vae.parameters()).dtype)
+    moments = run_tiled(vae, x, tile, False, pad, attention, cache_mb) if tile else None
+    if moments is None:
+        dist = vae.encode(x).latent_dist
+        return dist.mean.float(), dist.std.float()
+    mean, logvar = moments.float().chunk(2, dim=1)
+    return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+
+
+def vae_encode(vae, image: torch.Tensor, tile: int | None, **tile_options) -> torch.Tensor:
+    """Scaled latents (mean of the posterior) of ``image`` in [-1, 1]; tiling as ``vae_posterior``."""
+    return vae_posterior(vae, image, tile, **tile_options)[0] * vae.config.scaling_factor
+
+
+def vae_decode(vae, latents: torch.Tensor, tile: int | None, *, pad: int | None = None, attention: str = "global",
+               cache_mb: float = 0) -> torch.Tensor:
+    """Images in [-1, 1] from scaled latents; latents whose longer side exceeds ``tile`` + 2 ``pad`` go through
+    tiles of ``tile`` latents padded by ``pad`` (default: the decoder's receptive field), as ``vae_encode``."""
+    z = (latents / vae.config.scaling_factor).to(next(vae.parameters()).dtype)
+    image = run_tiled(vae, z, tile, True, pad, attention, cache_mb) if tile else None
+    if image is None:
+        return vae.decode(z).sample.float()
+    return image.float()

@@ -17,6 +17,7 @@ from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DCondi
 from torch import nn
 
 from xpsr.config import ModelConfig
+from xpsr.inference.tiling import vae_scale_factor
 from xpsr.models.controlnet import XPSRControlNet, as_xpsr_controlnet
 from xpsr.models.pixel_attention import as_xpsr_unet, inject_pixel_attention
 from xpsr.models.sfa import has_sfa, inject_sfa
@@ -105,11 +106,6 @@ def load_base(base: str, revision: str | None = None, dtype: torch.dtype = torch
     return parts
 
 
-def vae_scale_factor(vae: AutoencoderKL) -> int:
-    """Pixels per latent along each side: one stride-2 stage per VAE block after the first (8 for SD)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
 def check_conditioning_factor(cfg: ModelConfig, vae: AutoencoderKL) -> None:
     """The ControlNet's conditioning embedding must shrink the LR condition to the latent size: it has one
     stride-2 stage per ``conditioning_channels`` entry after the first, so it needs log2(factor) + 1 entries."""
@@ -124,23 +120,39 @@ def check_conditioning_factor(cfg: ModelConfig, vae: AutoencoderKL) -> None:
             f"(e.g. {[8 * 2 ** min(i, 2) for i in range(n)]})")
 
 
+def inject_controlnet(controlnet: ControlNetModel, cfg: ModelConfig) -> XPSRControlNet:
+    """SFA (``cfg.fusion_mode``) and the DFC heads into a stock ControlNet, in place. Fresh weights come
+    from the global RNG: :func:`inject_xpsr` seeds it; a loader that overwrites every weight need not."""
+    inject_sfa(controlnet, cfg.fusion_mode, down_blocks=cfg.sfa_down_blocks, mid=cfg.sfa_mid)
+    return as_xpsr_controlnet(controlnet, pixel_heads=cfg.dfc_pixel_heads, latent=cfg.dfc_latent_heads,
+                              rrdb=cfg.rrdb)
+
+
+def inject_unet(unet: UNet2DConditionModel, cfg: ModelConfig) -> UNet2DConditionModel:
+    """Optional UNet SFA and the pixel-aware attentions into a stock UNet, in place (RNG as above)."""
+    if cfg.unet_sfa:
+        n_up = len(unet.up_blocks)
+        inject_sfa(unet, cfg.fusion_mode, down_blocks=None, mid=True, up_blocks=range(n_up))
+        unet = as_xpsr_unet(unet)
+    if cfg.pixel_attention:
+        unet = inject_pixel_attention(unet, init=cfg.pixel_attention_init)
+    return unet
+
+
+def apply_gradient_checkpointing(model: nn.Module, cfg: ModelConfig) -> None:
+    """After injection, so the new modules are checkpointed too (re-applied if set before)."""
+    if cfg.gradient_checkpointing or model.is_gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+
+
 def inject_xpsr(unet: UNet2DConditionModel, controlnet: ControlNetModel, cfg: ModelConfig):
     """Add every XPSR module ``cfg`` asks for to a stock UNet/ControlNet pair (in place); returns both."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # fresh XPSR weights are reproducible for a given seed
-        inject_sfa(controlnet, cfg.fusion_mode, down_blocks=cfg.sfa_down_blocks, mid=cfg.sfa_mid)
-        controlnet = as_xpsr_controlnet(controlnet, pixel_heads=cfg.dfc_pixel_heads, latent=cfg.dfc_latent_heads,
-                                        rrdb=cfg.rrdb)
-        if cfg.unet_sfa:
-            n_up = len(unet.up_blocks)
-            inject_sfa(unet, cfg.fusion_mode, down_blocks=None, mid=True, up_blocks=range(n_up))
-            unet = as_xpsr_unet(unet)
-        if cfg.pixel_attention:
-            unet = inject_pixel_attention(unet, init=cfg.pixel_attention_init)
+        controlnet = inject_controlnet(controlnet, cfg)
+        unet = inject_unet(unet, cfg)
     for model in (unet, controlnet):
-        # After injection, so the new modules are checkpointed too (re-applied if set before).
-        if cfg.gradient_checkpointing or model.is_gradient_checkpointing:
-            model.enable_gradient_checkpointing()
+        apply_gradient_checkpointing(model, cfg)
     return unet, controlnet
 
 

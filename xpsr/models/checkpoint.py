@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from xpsr.config import ModelConfig
-from xpsr.models.build import inject_xpsr, unet_trainable_names
+from xpsr.models.build import apply_gradient_checkpointing, inject_controlnet, inject_unet, unet_trainable_names
 
 FORMAT = "xpsr-trained-v1"
 
@@ -74,10 +74,31 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        sort_metadata(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its ``__metadata__`` keys sorted, in place.
+
+    safetensors writes them in Rust hash-map order, which is random per process (safetensors issue 584),
+    so the same weights and config gave different bytes in two runs. Both serialisers write compact JSON
+    with the same escapes, so the sorted header has the same length and the tensor offsets (relative to
+    the end of the header) stay valid."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        if not header.get("__metadata__"):
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > size:
+            raise RuntimeError(f"{path}: the sorted safetensors header is longer than the original")
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))  # safetensors pads its header with spaces too
 
 
 def trained_state_dict(unet: nn.Module, controlnet: nn.Module) -> dict[str, torch.Tensor]:
@@ -137,24 +158,45 @@ def export_diffusers(output_dir: str | Path, unet: nn.Module, controlnet: nn.Mod
     return output_dir
 
 
-def load_exported(folder: str | Path):
-    """Rebuild ``(unet, controlnet, model_config)`` from a folder written by :func:`export_diffusers`."""
+def load_exported_part(folder: str | Path, part: str, dtype: torch.dtype | None = None):
+    """Rebuild one part (``"unet"`` or ``"controlnet"``) from its folder written by :func:`export_diffusers`:
+    the stock model from ``config.json``, the XPSR modules its ``xpsr`` section asks for, then a strict load
+    of ``diffusion_pytorch_model.safetensors``. Returns ``(model, model_config)``."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     folder = Path(folder)
-    configs = {}
-    for name in ("unet", "controlnet"):
-        f = folder / name / "config.json"
+    config_file, weights = folder / "config.json", folder / "diffusion_pytorch_model.safetensors"
+    for f in (config_file, weights):
         if not f.is_file():
-            raise FileNotFoundError(f"{folder} is not an exported XPSR model: {f} is missing")
-        configs[name] = json.loads(f.read_text())
-    xpsr_cfg = configs["controlnet"].pop("xpsr")
-    configs["unet"].pop("xpsr", None)
-    model_config = ModelConfig(**xpsr_cfg)
-    unet = UNet2DConditionModel.from_config(configs["unet"])
-    controlnet = ControlNetModel.from_config(configs["controlnet"])
-    unet, controlnet = inject_xpsr(unet, controlnet, model_config)
-    for name, model in (("unet", unet), ("controlnet", controlnet)):
-        state = load_file(str(folder / name / "diffusion_pytorch_model.safetensors"))
-        load_strict(model, state, f"{folder / name}")
+            raise FileNotFoundError(f"{folder} is not an exported XPSR {part}: {f} is missing")
+    config = json.loads(config_file.read_text())
+    if not isinstance(config.get("xpsr"), dict):
+        raise CheckpointMismatchError(f"{config_file} has no 'xpsr' section: not written by xpsr's export, so the "
+                                      "XPSR modules it needs are unknown")
+    try:
+        model_config = ModelConfig(**config.pop("xpsr"))
+    except TypeError as e:
+        raise CheckpointMismatchError(f"{config_file}: bad 'xpsr' section ({e})") from None
+    if part == "unet":
+        model = inject_unet(UNet2DConditionModel.from_config(config), model_config)
+    elif part == "controlnet":
+        model = inject_controlnet(ControlNetModel.from_config(config), model_config)
+    else:
+        raise ValueError(f"unknown part {part!r} (unet or controlnet)")
+    load_strict(model, load_file(str(weights)), f"{folder}")
+    apply_gradient_checkpointing(model, model_config)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    return model.eval(), model_config
+
+
+def load_exported(folder: str | Path):
+    """Rebuild ``(unet, controlnet, model_config)`` from a folder written by :func:`export_diffusers`."""
+    folder = Path(folder)
+    for name in ("unet", "controlnet"):
+        if not (folder / name / "config.json").is_file():
+            raise FileNotFoundError(f"{folder} is not an exported XPSR model: {folder / name / 'config.json'} "
+                                    "is missing")
+    unet, _ = load_exported_part(folder / "unet", "unet")
+    controlnet, model_config = load_exported_part(folder / "controlnet", "controlnet")
     return unet, controlnet, model_config

@@ -17,10 +17,12 @@ from xpsr.models.sfa import QUALITY_KEY, has_sfa
 class XPSRControlNetOutput(BaseOutput):
     """Residuals for the UNet (already x conditioning_scale) and the DFC side outputs (unscaled)."""
 
+    # Defaults on all but the first field: accelerate's mixed-precision wrapper rebuilds outputs as
+    # ``type(out)(dict(out))``, which BaseOutput only accepts when the other fields may be left out.
     down_block_res_samples: tuple[torch.Tensor, ...]
-    mid_block_res_sample: torch.Tensor
-    pixel_rgbs: list[torch.Tensor]
-    latent_preds: list[torch.Tensor]  # one per down residual, then the mid one
+    mid_block_res_sample: torch.Tensor = None
+    pixel_rgbs: list[torch.Tensor] = None
+    latent_preds: list[torch.Tensor] = None  # one per down residual, then the mid one
 
 
 class XPSRControlNet(ControlNetModel):

@@ -45,23 +45,33 @@ details texture textures color colors colour lighting exposure contrast saturati
 slightly very heavily moderately somewhat visible fine edges soft smooth""".split()
 
 
+TINY_MERGES = 400  # enough for every word of _WORDS to become one token (348 merges)
+
+
+def tiny_clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocab, merges) of the tiny CLIP tokenizer, laid out as CLIP's: the 256 byte symbols, the same with
+    ``</w>``, the learnt merges, then ``<|startoftext|>`` and ``<|endoftext|>``. Pure Python, so the ids are
+    the same in every process (see xpsr.models.tiny_bpe)."""
+    from xpsr.models.tiny_bpe import build_vocab, byte_alphabet, byte_encode, learn_merges
+
+    merges = learn_merges((byte_encode(w.lower()) for w in _WORDS), TINY_MERGES, end_of_word="</w>",
+                          min_frequency=1)
+    alphabet = byte_alphabet()
+    vocab = build_vocab(alphabet + [a + "</w>" for a in alphabet], merges, ["<|startoftext|>", "<|endoftext|>"])
+    return vocab, merges
+
+
 @functools.lru_cache(maxsize=1)
 def build_tiny_tokenizer():
-    """A CLIP tokenizer over a BPE vocabulary trained here, offline, on the word list above."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    """A CLIP tokenizer over the tiny vocabulary above, offline. Any text tokenizes (every byte has a
+    symbol); each word of the list above is one token."""
     from transformers import CLIPTokenizer
 
-    tok = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|startoftext|>", "<|endoftext|>"],
-                                  end_of_word_suffix="</w>", show_progress=False)
-    corpus = [" ".join(_WORDS[i:i + 12]) for i in range(0, len(_WORDS), 12)] * 4
-    tok.train_from_iterator(corpus, trainer=trainer)
+    vocab, merges = tiny_clip_vocab()
     with tempfile.TemporaryDirectory() as d:
-        model = json.loads(tok.to_str())["model"]
-        Path(d, "vocab.json").write_text(json.dumps(model["vocab"]))
-        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-        Path(d, "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        Path(d, "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+        Path(d, "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
         return CLIPTokenizer.from_pretrained(d, model_max_length=77)
 
 

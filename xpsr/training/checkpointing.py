@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from xpsr.models.checkpoint import load_trained, save_trained
 class TrainState:
     step: int = 0
     samples: int = 0  # samples this process has consumed (the data position)
+    max_steps: int | None = None  # the run's target when saved: a resume with another target may change the LR
 
 
 class EMA:
@@ -95,7 +97,7 @@ def load_checkpoint(folder: Path, unet, controlnet, optimizer, lr_scheduler, gen
     random.setstate(ast.literal_eval(meta["python_random"]))
     kind, keys, *rest = meta["numpy_random"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
-    return TrainState(step=meta["step"], samples=meta["samples"])
+    return TrainState(step=meta["step"], samples=meta["samples"], max_steps=meta.get("max_steps"))
 
 
 def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
@@ -117,3 +119,16 @@ def prune_checkpoints(output_dir: Path, keep: int | None) -> None:
                    key=lambda p: int(p.name.split("-")[1]))
     for old in found[:-keep] if keep > 0 else found:
         shutil.rmtree(old)
+
+
+def warn_if_schedule_changes(scheduler_name: str, saved_max_steps: int | None, max_steps: int) -> str | None:
+    """Resuming with another ``max_steps``: a constant schedule continues exactly; linear and cosine
+    schedules are functions of ``max_steps``, so from the next step on the LR follows the curve for the
+    new ``max_steps`` (a jump at the resume step, not a stretched continuation). Warns; returns the message."""
+    if saved_max_steps is None or saved_max_steps == max_steps or scheduler_name.startswith("constant"):
+        return None
+    message = (f"resumed a run saved with max_steps={saved_max_steps} with max_steps={max_steps}: the "
+               f"{scheduler_name} LR schedule depends on max_steps, so from here the LR follows the schedule "
+               f"for {max_steps} steps (it jumps at the resume step)")
+    warnings.warn(message, stacklevel=2)
+    return message

@@ -1,5 +1,10 @@
 """The training loop (accelerate): DDP, accumulation, mixed precision, clipping, EMA, checkpoints,
 validation, logging. `python scripts/train.py --config configs/train/xpsr_sd15.yaml key=value ...`
+
+`run_training` reads top to bottom as the steps of a session: set up the accelerator and seeds, build the
+model, the optimizer and LR schedule, resume, the data, the run files; then per optimizer step: the
+forward/backward of each micro-batch, then EMA, logs, checkpoint and validation; at the end, the final
+weights. Every step is one function below; `Session` carries what they share.
 """
 from __future__ import annotations
 
@@ -9,13 +14,14 @@ import platform
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from xpsr.config import TrainConfig, to_dict
 from xpsr.errors import XPSRError
-from xpsr.models.build import DTYPES, build_xpsr, trainable_parameters
+from xpsr.models.build import DTYPES, XPSRModules, build_xpsr, trainable_parameters
 from xpsr.training.checkpointing import (
     EMA,
     TrainState,
@@ -23,7 +29,9 @@ from xpsr.training.checkpointing import (
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
+    warn_if_schedule_changes,
 )
+from xpsr.training.determinism import deterministic_mode, seed_everything
 from xpsr.training.step import training_step
 
 
@@ -31,7 +39,253 @@ class NonFiniteLossError(XPSRError, RuntimeError):
     """The loss became NaN/inf; the message names the step and the loss term."""
 
 
-def _environment(repo: Path) -> dict:
+@dataclasses.dataclass
+class Session:
+    """What the steps of one training session share."""
+
+    cfg: TrainConfig
+    out: Path
+    accelerator: Any
+    weight_dtype: torch.dtype
+    modules: XPSRModules  # unwrapped: checkpoints and validation read these
+    trainable: dict[str, torch.nn.Parameter]
+    optimizer: Any
+    lr_scheduler: Any
+    ema: EMA | None
+    generator: torch.Generator  # noise, timesteps and VAE samples (its state is checkpointed)
+    state: TrainState = dataclasses.field(default_factory=TrainState)
+    dataset: Any = None
+    loader: Any = None
+    step_modules: XPSRModules | None = None  # prepared (and compiled) UNet/ControlNet for the forward
+    resolved: dict = dataclasses.field(default_factory=dict)  # the config as saved with every checkpoint
+    loss_log: Any = None
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return list(self.trainable.values())
+
+
+def run_training(cfg: TrainConfig) -> dict:
+    """Train as ``cfg`` says; returns a summary. Raises :class:`NonFiniteLossError` on NaN/inf losses."""
+    with deterministic_mode(cfg.deterministic):
+        accelerator, out = setup_accelerator(cfg)
+        s = build_session(cfg, accelerator, out)
+        resume(s)
+        make_data(s)
+        prepare_for_training(s)
+        write_run_files(s)
+        end = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step else cfg.max_steps
+        bar = tqdm(total=cfg.max_steps, initial=s.state.step, desc="train",
+                   disable=not accelerator.is_main_process)
+        data_iter, start, last = iter(s.loader), time.perf_counter(), {}
+        try:
+            while s.state.step < end:
+                last, optimizer_stepped = micro_step(s, next(data_iter))
+                if optimizer_stepped:
+                    after_optimizer_step(s, last, end, start)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}")
+            finish(s)
+        finally:
+            bar.close()
+            if s.loss_log is not None:
+                s.loss_log.close()
+            accelerator.end_training()
+    seconds = time.perf_counter() - start
+    return {"steps": s.state.step, "last": last, "seconds": round(seconds, 2),
+            "steps_per_s": round(s.state.step / seconds, 3) if seconds > 0 else None}
+
+
+def setup_accelerator(cfg: TrainConfig):
+    """The accelerator (DDP, accumulation, autocast), the run dir, the demo data if asked, global seeds."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              mixed_precision="no" if cfg.mixed_precision == "fp32" else cfg.mixed_precision,
+                              log_with=None if cfg.report_to == "none" else cfg.report_to, cpu=cfg.device == "cpu",
+                              project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    seed_everything(cfg.seed, accelerator.process_index)
+    if cfg.demo_data:
+        from xpsr.training.demo_data import make_demo_data
+
+        with accelerator.main_process_first():
+            demo = make_demo_data(out / "demo_data", crop_size=cfg.data.crop_size, seed=cfg.seed)
+        cfg.data = dataclasses.replace(cfg.data, pairs=demo.pairs, cache=demo.cache)
+    if cfg.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg.validation.every:
+        from xpsr.training.validation import validation_infer_config
+
+        validation_infer_config(cfg, scale=4)  # fail now, naming the key, not at the first validation
+    return accelerator, out
+
+
+def build_session(cfg: TrainConfig, accelerator, out: Path) -> Session:
+    """The model placed and cast as the official script does, the optimizer, the LR schedule, EMA."""
+    device, weight_dtype = accelerator.device, DTYPES[cfg.mixed_precision]
+    modules = build_xpsr(dataclasses.replace(cfg.model, seed=cfg.seed))
+    # The official script casts only the VAE and the text encoder; the frozen UNet stays fp32 and autocast
+    # computes in half precision. frozen_unet_dtype=mixed_precision also stores it in half precision.
+    half = [modules.vae, modules.text_encoder]
+    if cfg.frozen_unet_dtype == "mixed_precision":
+        half.append(modules.unet)
+    for m in (modules.vae, modules.text_encoder, modules.unet, modules.controlnet):
+        m.to(device)
+        if m in half and weight_dtype != torch.float32:
+            m.to(dtype=weight_dtype)
+    trainable = trainable_parameters(modules.unet, modules.controlnet)
+    for p in trainable.values():
+        p.data = p.data.float()  # master weights in fp32
+    optimizer = make_optimizer(cfg, list(trainable.values()))
+    world = accelerator.num_processes
+    from diffusers.optimization import get_scheduler
+
+    # accelerate steps a prepared scheduler once per process, hence the factor `world`
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * world,
+                                 num_training_steps=cfg.max_steps * world)
+    return Session(cfg=cfg, out=out, accelerator=accelerator, weight_dtype=weight_dtype, modules=modules,
+                   trainable=trainable, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                   ema=EMA(trainable, cfg.ema_decay) if cfg.use_ema else None,
+                   generator=torch.Generator().manual_seed(cfg.seed * 1000 + accelerator.process_index))
+
+
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
+                  eps=cfg.adam_epsilon)
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise RuntimeError("use_8bit_adam=true needs bitsandbytes with CUDA support") from e
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def resume(s: Session) -> None:
+    """With ``resume``: weights, optimizer, schedule, EMA, every RNG and the data position of a checkpoint."""
+    if not s.cfg.resume:
+        return
+    ckpt = find_checkpoint(s.out, s.cfg.resume)
+    if ckpt is None:
+        return
+    s.state = load_checkpoint(ckpt, s.modules.unet, s.modules.controlnet, s.optimizer, s.lr_scheduler, s.generator,
+                              s.ema)
+    s.accelerator.print(f"resumed from {ckpt} at step {s.state.step}")
+    warn_if_schedule_changes(s.cfg.lr_scheduler, s.state.max_steps, s.cfg.max_steps)
+
+
+def make_data(s: Session) -> None:
+    """The dataset and a loader that continues at the resumed data position."""
+    from xpsr.data.dataset import build_dataset
+
+    s.dataset, sampler = build_dataset(s.cfg.data, s.accelerator.process_index, s.accelerator.num_processes,
+                                       start=s.state.samples)
+    # Its own generator: creating the iterator draws the workers' base seed from it instead of from the
+    # global torch RNG, whose checkpointed state would otherwise differ between a straight and a resumed run.
+    s.loader = torch.utils.data.DataLoader(
+        s.dataset, batch_size=s.cfg.batch_size, sampler=sampler, num_workers=s.cfg.num_workers,
+        pin_memory=s.accelerator.device.type == "cuda",
+        generator=torch.Generator().manual_seed(s.cfg.seed * 1000 + s.accelerator.process_index))
+
+
+def prepare_for_training(s: Session) -> None:
+    """accelerate wraps the UNet/ControlNet (DDP, autocast), the optimizer and the schedule; optional compile."""
+    unet, controlnet, s.optimizer, s.lr_scheduler = s.accelerator.prepare(
+        s.modules.unet, s.modules.controlnet, s.optimizer, s.lr_scheduler)
+    if s.cfg.compile:
+        unet, controlnet = torch.compile(unet), torch.compile(controlnet)
+    s.step_modules = dataclasses.replace(s.modules, unet=unet, controlnet=controlnet)
+    controlnet.train()
+    unet.train()
+
+
+def write_run_files(s: Session) -> None:
+    """config.yaml, environment.json, the experiment tracker and logs/losses.jsonl (main process)."""
+    s.resolved = to_dict(s.cfg)
+    (s.out / "logs").mkdir(exist_ok=True)
+    if not s.accelerator.is_main_process:
+        return
+    from omegaconf import OmegaConf
+
+    (s.out / "config.yaml").write_text(OmegaConf.to_yaml(s.resolved))
+    (s.out / "environment.json").write_text(json.dumps(environment(Path(__file__).parent), indent=2))
+    if s.cfg.report_to != "none":
+        # wandb writes under the run dir (offline mode works without network: WANDB_MODE=offline)
+        s.accelerator.init_trackers("xpsr", config=_flat(s.resolved), init_kwargs={"wandb": {"dir": str(s.out)}})
+    s.loss_log = open(s.out / "logs" / "losses.jsonl", "a")
+
+
+def micro_step(s: Session, batch: dict) -> tuple[dict[str, float], bool]:
+    """Forward and backward of one micro-batch; the optimizer steps when accumulation is complete.
+    Returns (loss terms, whether that was an optimizer step)."""
+    cfg, accelerator = s.cfg, s.accelerator
+    with accelerator.accumulate(s.step_modules.controlnet, s.step_modules.unet):
+        batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
+                 for k, v in batch.items()}
+        result = training_step(s.step_modules, batch, cfg.dfc, cfg.content_prompt, s.generator, s.weight_dtype)
+        for name, value in result.terms.items():
+            if not torch.isfinite(value).all():
+                raise NonFiniteLossError(
+                    f"loss term '{name}' is {value.item()} at step {s.state.step + 1}; stopped without "
+                    f"saving. The last good checkpoint is in {s.out / 'checkpoints'}.")
+        accelerator.backward(result.loss)
+        if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(s.params, cfg.max_grad_norm)
+        s.optimizer.step()
+        s.lr_scheduler.step()
+        s.optimizer.zero_grad(set_to_none=True)
+    s.state.samples += batch["hr"].shape[0]
+    return {k: v.item() for k, v in result.terms.items()}, accelerator.sync_gradients
+
+
+def after_optimizer_step(s: Session, last: dict[str, float], end: int, start: float) -> None:
+    """Count the step, update EMA, then log, checkpoint and validate when due."""
+    cfg, state = s.cfg, s.state
+    state.step += 1
+    if s.ema is not None:
+        s.ema.update(s.trainable)
+    if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+        logs = {**last, "lr": s.lr_scheduler.get_last_lr()[0],
+                "steps_per_s": state.step / max(time.perf_counter() - start, 1e-9)}
+        s.accelerator.log(logs, step=state.step)
+        if s.loss_log is not None:
+            s.loss_log.write(json.dumps({"step": state.step, **logs}) + "\n")
+            s.loss_log.flush()
+    if not s.accelerator.is_main_process:
+        return
+    stopping_early = state.step == end < cfg.max_steps
+    if stopping_early or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
+        state.max_steps = cfg.max_steps
+        save_checkpoint(s.out / "checkpoints" / f"step-{state.step}", s.modules.unet, s.modules.controlnet,
+                        s.resolved, s.optimizer, s.lr_scheduler, state, s.generator, s.ema)
+        prune_checkpoints(s.out, cfg.checkpoints_total_limit)
+    if cfg.validation.every and state.step % cfg.validation.every == 0:
+        from xpsr.training.validation import run_validation
+
+        run_validation(cfg, s.modules, s.dataset, s.out / "samples" / f"step-{state.step}.png", s.accelerator,
+                       state.step, ema=s.ema, trainable=s.trainable)
+
+
+def finish(s: Session) -> None:
+    """At max_steps: final/trained.safetensors (and final/ema.safetensors with EMA)."""
+    s.accelerator.wait_for_everyone()
+    if not (s.accelerator.is_main_process and s.state.step == s.cfg.max_steps):
+        return
+    from xpsr.models.checkpoint import save_trained
+
+    save_trained(s.out / "final" / "trained.safetensors", s.modules.unet, s.modules.controlnet, s.resolved)
+    if s.ema is not None:
+        s.ema.swap(s.trainable)
+        save_trained(s.out / "final" / "ema.safetensors", s.modules.unet, s.modules.controlnet, s.resolved)
+        s.ema.swap(s.trainable)
+
+
+def environment(repo: Path) -> dict:
+    """Versions and the git commit, saved as environment.json in the run dir."""
     import accelerate
     import diffusers
     import transformers
@@ -44,161 +298,6 @@ def _environment(repo: Path) -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "accelerate": accelerate.__version__, "git_commit": commit,
             "cuda": torch.version.cuda, "gpus": torch.cuda.device_count()}
-
-
-def _make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
-                  eps=cfg.adam_epsilon)
-    if cfg.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise RuntimeError("use_8bit_adam=true needs bitsandbytes with CUDA support") from e
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def run_training(cfg: TrainConfig) -> dict:
-    """Train as ``cfg`` says; returns a summary. Raises :class:`NonFiniteLossError` on NaN/inf losses."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-    from diffusers.optimization import get_scheduler
-
-    from xpsr.data.dataset import build_dataset
-
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    log_with = None if cfg.report_to == "none" else cfg.report_to
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              mixed_precision="no" if cfg.mixed_precision == "fp32" else cfg.mixed_precision,
-                              log_with=log_with, cpu=cfg.device == "cpu",
-                              project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
-    if cfg.demo_data:
-        from xpsr.training.demo_data import make_demo_data
-
-        with accelerator.main_process_first():
-            demo = make_demo_data(out / "demo_data", crop_size=cfg.data.crop_size, seed=cfg.seed)
-        cfg.data = dataclasses.replace(cfg.data, pairs=demo.pairs, cache=demo.cache)
-    if cfg.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    device, weight_dtype = accelerator.device, DTYPES[cfg.mixed_precision]
-
-    # model: frozen parts in the compute dtype, trainable weights fp32
-    modules = build_xpsr(dataclasses.replace(cfg.model, seed=cfg.seed))
-    for m in (modules.vae, modules.text_encoder, modules.unet):
-        m.to(device)
-        if weight_dtype != torch.float32:
-            m.to(dtype=weight_dtype)
-    modules.controlnet.to(device)
-    trainable = trainable_parameters(modules.unet, modules.controlnet)
-    for p in trainable.values():
-        p.data = p.data.float()
-    params = list(trainable.values())
-    optimizer = _make_optimizer(cfg, params)
-    world = accelerator.num_processes
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * world,
-                                 num_training_steps=cfg.max_steps * world)
-    ema = EMA(trainable, cfg.ema_decay) if cfg.use_ema else None
-    generator = torch.Generator().manual_seed(cfg.seed * 1000 + accelerator.process_index)
-
-    state = TrainState()
-    if cfg.resume:
-        ckpt = find_checkpoint(out, cfg.resume)
-        if ckpt is not None:
-            state = load_checkpoint(ckpt, modules.unet, modules.controlnet, optimizer, lr_scheduler, generator, ema)
-            accelerator.print(f"resumed from {ckpt} at step {state.step}")
-
-    dataset, sampler = build_dataset(cfg.data, accelerator.process_index, world, start=state.samples)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
-                                         num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-    unet, controlnet, optimizer, lr_scheduler = accelerator.prepare(modules.unet, modules.controlnet, optimizer,
-                                                                    lr_scheduler)
-    if cfg.compile:
-        unet, controlnet = torch.compile(unet), torch.compile(controlnet)
-    step_modules = dataclasses.replace(modules, unet=unet, controlnet=controlnet)
-    controlnet.train()
-    unet.train()
-
-    resolved = to_dict(cfg)
-    if accelerator.is_main_process:
-        from omegaconf import OmegaConf
-
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-        (out / "environment.json").write_text(json.dumps(_environment(Path(__file__).parent), indent=2))
-        if log_with:
-            # wandb writes under the run dir (offline mode works without network: WANDB_MODE=offline)
-            accelerator.init_trackers("xpsr", config=_flat(resolved), init_kwargs={"wandb": {"dir": str(out)}})
-    (out / "logs").mkdir(exist_ok=True)
-    loss_log = open(out / "logs" / "losses.jsonl", "a") if accelerator.is_main_process else None
-
-    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process)
-    data_iter, start, last = iter(loader), time.perf_counter(), {}
-    end = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step else cfg.max_steps
-    try:
-        while state.step < end:
-            with accelerator.accumulate(controlnet, unet):
-                batch = _to_device(next(data_iter), device)
-                result = training_step(step_modules, batch, cfg.dfc, cfg.content_prompt, generator, weight_dtype)
-                for name, value in result.terms.items():
-                    if not torch.isfinite(value).all():
-                        raise NonFiniteLossError(
-                            f"loss term '{name}' is {value.item()} at step {state.step + 1}; stopped without "
-                            f"saving. The last good checkpoint is in {out / 'checkpoints'}.")
-                accelerator.backward(result.loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            state.samples += batch["hr"].shape[0]
-            last = {k: v.item() for k, v in result.terms.items()}
-            if not accelerator.sync_gradients:
-                continue
-            state.step += 1
-            if ema is not None:
-                ema.update(trainable)
-            bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.4f}")
-            if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
-                logs = {**last, "lr": lr_scheduler.get_last_lr()[0],
-                        "steps_per_s": state.step / max(time.perf_counter() - start, 1e-9)}
-                accelerator.log(logs, step=state.step)
-                if loss_log is not None:
-                    loss_log.write(json.dumps({"step": state.step, **logs}) + "\n")
-                    loss_log.flush()
-            stopping_early = state.step == end < cfg.max_steps
-            if accelerator.is_main_process and (
-                    stopping_early or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0)):
-                save_checkpoint(out / "checkpoints" / f"step-{state.step}", modules.unet, modules.controlnet,
-                                resolved, optimizer, lr_scheduler, state, generator, ema)
-                prune_checkpoints(out, cfg.checkpoints_total_limit)
-            if cfg.validation.every and state.step % cfg.validation.every == 0 and accelerator.is_main_process:
-                from xpsr.training.validation import run_validation
-
-                run_validation(cfg, modules, dataset, out / "samples" / f"step-{state.step}.png", accelerator,
-                               state.step, ema=ema, trainable=trainable)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process and state.step == cfg.max_steps:
-            from xpsr.models.checkpoint import save_trained
-
-            save_trained(out / "final" / "trained.safetensors", modules.unet, modules.controlnet, resolved)
-            if ema is not None:
-                ema.swap(trainable)
-                save_trained(out / "final" / "ema.safetensors", modules.unet, modules.controlnet, resolved)
-                ema.swap(trainable)
-    finally:
-        bar.close()
-        if loss_log is not None:
-            loss_log.close()
-        accelerator.end_training()
-    seconds = time.perf_counter() - start
-    return {"steps": state.step, "last": last, "seconds": round(seconds, 2),
-            "steps_per_s": round(state.step / seconds, 3) if seconds > 0 else None}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -42,17 +42,30 @@ def grid_image(lr: torch.Tensor, sr: torch.Tensor, hr: torch.Tensor) -> np.ndarr
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
+def validation_infer_config(cfg, scale: int):
+    """The InferConfig validation samples with: ``validation.infer_config`` (or the InferConfig defaults),
+    then the validation sampling keys, then what the training data fixes (x``scale`` to ``crop_size``,
+    the run's seed). Built by the same loader as `xpsr infer`, so a bad key fails here, naming it."""
+    from xpsr.config import InferConfig, load_config
+
+    val = cfg.validation
+    overrides = [f"scheduler={val.scheduler}", f"num_inference_steps={val.num_inference_steps}",
+                 f"guidance_scale={val.guidance_scale}", f"start_from={val.start_from}",
+                 f"added_noise_level={val.added_noise_level}", f"color_fix={val.color_fix}",
+                 f"upscale={scale}", f"process_size={cfg.data.crop_size}", f"seed={cfg.seed}",
+                 "input=validation-pairs", "output_dir=samples"]  # unused: pairs come from the dataset
+    return load_config(InferConfig, val.infer_config, overrides)
+
+
 @torch.no_grad()
 def run_validation(cfg, modules, dataset, path: Path, accelerator, step: int, ema=None, trainable=None) -> Path:
-    """Super-resolve the fixed validation pairs with the inference pipeline (xpsr.inference) and log a grid."""
-    from xpsr.config import InferConfig
+    """Super-resolve the fixed validation pairs with the inference pipeline (xpsr.inference) and log a grid.
+    Runs under the training autocast, so mixed-precision runs validate in mixed precision."""
     from xpsr.inference.pipeline import super_resolve
 
     val = cfg.validation
     lr, hr, contents, qualities = validation_batch(dataset, val.num_images, cfg.data.crop_size)
-    infer = InferConfig(input="-", output_dir="-", scheduler="ddim", num_inference_steps=val.num_inference_steps,
-                        guidance_scale=val.guidance_scale, process_size=cfg.data.crop_size, seed=cfg.seed,
-                        start_from="noise", color_fix="none")
+    infer = validation_infer_config(cfg, dataset.parts[0].scale)
     use_ema = ema is not None and val.use_ema
     if use_ema:
         ema.swap(trainable)
@@ -63,7 +76,8 @@ def run_validation(cfg, modules, dataset, path: Path, accelerator, step: int, em
         for i in range(lr.shape[0]):
             lr_u8 = (lr[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
             content = contents[i] if cfg.content_prompt == "caption" else ""
-            sr = super_resolve(modules, lr_u8, content, qualities[i], infer, accelerator.device)
+            with accelerator.autocast():
+                sr = super_resolve(modules, lr_u8, content, qualities[i], infer, accelerator.device)
             srs.append(torch.from_numpy(sr).permute(2, 0, 1).float() / 255)
     finally:
         modules.controlnet.train(was_training)

@@ -65,6 +65,16 @@ def _test_pairs(out: Path, cfg: DemoConfig) -> Path:
     return test
 
 
+def _heldout_noise_mse(infer: InferConfig, out: Path, test: Path, seed: int) -> dict[str, float]:
+    """The noise-prediction error on the held-out pairs before and after XPSR training (same draws)."""
+    from xpsr.inference.run import load_modules
+    from xpsr.training.heldout import heldout_noise_mse, load_pairs
+
+    pairs = load_pairs(test)
+    return {name: heldout_noise_mse(load_modules(dataclasses.replace(infer, weights=weights)), pairs, seed=seed)
+            for name, weights in (("before", None), ("after", str(out / "run")))}
+
+
 def prior_prompts(infer: InferConfig) -> list[str]:
     """What the base UNet sees as content text in the demo: training caption, inference prompt, negative."""
     return [CONTENT_PROMPT, f"{CONTENT_PROMPT} {infer.added_prompt}", infer.negative_prompt, ""]
@@ -111,6 +121,7 @@ def run_demo(cfg: DemoConfig) -> Path:
         run_inference(dataclasses.replace(infer, input=str(test / "lr"), output_dir=str(out / folder),
                                           cache=str(test / "prompts.sqlite"), weights=weights))
     seconds["super_resolution"] = round(time.perf_counter() - start, 1)
+    noise_mse = _heldout_noise_mse(infer, out, test, cfg.seed)
     _bicubic(test / "lr", out / "bicubic")
     _vae_reconstructions(out / "prior", test / "hr", out / "vae_recon")
 
@@ -121,10 +132,10 @@ def run_demo(cfg: DemoConfig) -> Path:
         ev = EvalConfig(sr=str(out / folder), hr=str(test / "hr"), output_dir=str(out / "eval" / folder),
                         metrics=["psnr", "ssim"], device="cpu", label=name)
         results[name] = {k: v for k, v in evaluate(ev).items() if k != "settings"}
-    (out / "demo_summary.json").write_text(json.dumps({"metrics": results, "seconds": seconds,
-                                                       "xpsr_steps": summary["steps"]}, indent=2))
+    (out / "demo_summary.json").write_text(json.dumps({"metrics": results, "heldout_noise_mse": noise_mse,
+                                                       "seconds": seconds, "xpsr_steps": summary["steps"]}, indent=2))
 
     print("[6/6] report")
-    report = write_report(out, test, results, seconds, summary, prior)
+    report = write_report(out, test, results, seconds, summary, prior, noise_mse)
     print(f"demo report: {report}")
     return report

@@ -53,16 +53,20 @@ def _metrics_html(results: dict[str, dict[str, float]]) -> str:
         for i, line in enumerate(table.strip().splitlines()) if i != 1)
 
 
-def _note(results: dict, seconds: dict, summary: dict, prior: dict) -> str:
+def _note(results: dict, seconds: dict, summary: dict, prior: dict, noise_mse: dict) -> str:
     settings = prior["recipe"]["settings"]
     psnr = {k: v["psnr"] for k, v in results.items()}
+    verb = "falls" if noise_mse["after"] < noise_mse["before"] else "does <b>not</b> fall"
     reused = " (reused from an earlier run)" if seconds["prior"] < prior["seconds"] else ""
     return f"""<p class="note"><b>Read this first:</b> this run trains a <i>tiny</i> model on six photos, on a
 CPU, in minutes. It shows that every stage works end to end (pairs, prompts, training, sampling, evaluation)
-and that XPSR training teaches the ControlNet to use the LR image: on the held-out images the trained model
-reaches {psnr[AFTER]:.2f} dB PSNR against {psnr[BEFORE]:.2f} dB for the same frozen prior before XPSR training
-(bicubic: {psnr[BICUBIC]:.2f} dB). It does <b>not</b> show the paper's quality, which needs Stable Diffusion
-and 300k GPU steps (README: Training). XPSR freezes the VAE and the base UNet; in the paper they are Stable
+and whether XPSR training teaches the ControlNet to use the LR image: on the held-out pairs the noise-prediction
+error {verb} from {noise_mse['before']:.4f} (the frozen prior alone) to {noise_mse['after']:.4f} after
+{summary['steps']} XPSR steps. The sampled images start from the noised LR latent (SDEdit, the demo's default),
+which already carries most of the picture, so their PSNR moves less: {psnr[BEFORE]:.2f} dB
+before, {psnr[AFTER]:.2f} dB after XPSR training (bicubic: {psnr[BICUBIC]:.2f} dB). It does <b>not</b> show the
+paper's quality, which needs Stable Diffusion and 300k GPU steps (README: Training).
+XPSR freezes the VAE and the base UNet; in the paper they are Stable
 Diffusion's. Here they are a stand-in made by this run{reused}: a VAE with 4x (SD: 8x) spatial compression
 trained {settings['vae_steps']} steps to reconstruct crops of the training photos, and the base UNet trained
 {settings['unet_steps']} steps to denoise its latents ({prior['seconds']} s). That prior knows six photos, not
@@ -72,7 +76,8 @@ caps what any sample can reach ({psnr['VAE reconstruction of the HR (ceiling)']:
 guidance and SFA's quality prompts carry no meaning here, and 6 photos are no training set.</p>"""
 
 
-def write_report(out: Path, test: Path, results: dict, seconds: dict, summary: dict, prior: dict) -> Path:
+def write_report(out: Path, test: Path, results: dict, seconds: dict, summary: dict, prior: dict,
+                 noise_mse: dict) -> Path:
     """Write ``out/report.html`` (images inline) and return its path."""
     from xpsr.data.images import list_images, load_rgb
 
@@ -92,7 +97,7 @@ def write_report(out: Path, test: Path, results: dict, seconds: dict, summary: d
 <style>body{{font-family:sans-serif;max-width:1400px;margin:2em auto}}td{{padding:4px;text-align:center}}
 .note{{background:#fff4d6;padding:1em;border-radius:6px}}table.m td{{border:1px solid #ccc;padding:4px 10px}}</style>
 </head><body><h1>xpsr demo report</h1>
-{_note(results, seconds, summary, prior)}
+{_note(results, seconds, summary, prior, noise_mse)}
 <h2>Metrics on held-out images</h2><table class="m">{_metrics_html(results)}</table>
 <h2>Images</h2><table><tr><th></th>{heads}</tr>
 {''.join(rows)}</table>

@@ -76,3 +76,15 @@ def test_conditioning_widths_must_match_the_vae_factor(prior_dir):
         build_xpsr(ModelConfig(base=str(prior_dir), conditioning_channels=[8, 16, 16, 32]))
     with pytest.raises(ConfigError, match=r"model.base='tiny'.*8x smaller.*4 widths"):
         build_xpsr(ModelConfig(base="tiny", conditioning_channels=[8, 16, 32]))
+
+
+def test_demo_prior_api_gives_a_base_folder_and_reuses_it(tmp_path):
+    from xpsr.demo import demo_prior
+
+    folder = demo_prior(tmp_path, FAST, seed=0, log=lambda _: None)
+    assert folder == tmp_path.resolve() / "prior" and (folder / "prior.json").is_file()
+    modules = build_xpsr(ModelConfig(base=str(folder), conditioning_channels=[8, 16, 32]))
+    assert vae_scale_factor(modules.vae) == 4
+    logs = []
+    assert demo_prior(tmp_path, FAST, seed=0, log=logs.append) == folder
+    assert logs[0].startswith("prior: reusing")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xpsr.config import DemoConfig, EvalConfig, InferConfig, PrepareConfig, TrainConfig
+from xpsr.config import DemoConfig, DemoPriorConfig, EvalConfig, InferConfig, PrepareConfig, TrainConfig
 
 HELD_OUT = ("cat", "retina", "coffee")  # test photos (coffee also appears in training, a seen-content control)
 CONTENT_PROMPT = "a photo"  # the fixed content prompt of the demo data (no content captioner offline)
@@ -80,21 +80,34 @@ def prior_prompts(infer: InferConfig) -> list[str]:
     return [CONTENT_PROMPT, f"{CONTENT_PROMPT} {infer.added_prompt}", infer.negative_prompt, ""]
 
 
+def demo_prior(output_dir: str | Path, prior: DemoPriorConfig | None = None, seed: int = 0,
+               log=print) -> Path:
+    """The demo's pre-trained base folder, ``output_dir/prior`` (made, or reused when its recipe matches):
+    a 4x VAE + base UNet trained on the bundled photos, loadable as ``model.base`` with
+    ``model.conditioning_channels=[8, 16, 32]``. ``xpsr demo output_dir=X`` makes the same folder."""
+    from xpsr.training.demo_data import write_sample_photos
+    from xpsr.training.prior import ensure_prior
+
+    out = Path(output_dir).resolve()
+    photos = write_sample_photos(out / "run" / "demo_data" / "sources")
+    ensure_prior(out / "prior", prior or DemoPriorConfig(), photos,
+                 prior_prompts(InferConfig(input="", output_dir="")), seed=seed, log=log)
+    return out / "prior"
+
+
 def run_demo(cfg: DemoConfig) -> Path:
     from xpsr.demo_report import write_report
     from xpsr.inference.run import run_inference
     from xpsr.metrics.evaluate import evaluate
     from xpsr.models.build import build_xpsr, model_summary
-    from xpsr.training.demo_data import make_demo_data, write_sample_photos
+    from xpsr.training.demo_data import make_demo_data
     from xpsr.training.loop import run_training
-    from xpsr.training.prior import ensure_prior
 
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     print(f"[1/6] training pairs and prompts in {out / 'run' / 'demo_data'}")
     make_demo_data(out / "run" / "demo_data", crop_size=cfg.crop_size, seed=cfg.seed)
-    photos = write_sample_photos(out / "run" / "demo_data" / "sources")
 
     infer = InferConfig(input="", output_dir="", model=dataclasses.replace(cfg.model, base=str(out / "prior")),
                         scheduler="ddim", num_inference_steps=cfg.inference_steps, guidance_scale=cfg.guidance_scale,
@@ -102,7 +115,7 @@ def run_demo(cfg: DemoConfig) -> Path:
                         process_size=cfg.crop_size, dtype="fp32", device="cpu", prompts="cache", seed=cfg.seed)
     print("[2/6] the prior: tiny VAE and base UNet pre-trained on the training photos (stands in for SD)")
     start = time.perf_counter()
-    prior = ensure_prior(out / "prior", cfg.prior, photos, prior_prompts(infer), seed=cfg.seed)
+    prior = json.loads((demo_prior(out, cfg.prior, seed=cfg.seed) / "prior.json").read_text())
     seconds["prior"] = round(time.perf_counter() - start, 1)
     print(model_summary(build_xpsr(infer.model)))
 

@@ -28,7 +28,7 @@ def test_demo_writes_a_report_and_xpsr_training_teaches_the_controlnet(tmp_path)
     mse = summary["heldout_noise_mse"]
     assert mse["after"] < 0.97 * mse["before"], mse  # measured: 0.839 -> 0.772
     assert set(summary["metrics"]) == {"bicubic", "prior alone (before XPSR training)", "XPSR (tiny, CPU)",
-                                       "VAE reconstruction of the HR (ceiling)"}
+                                       "HR through the prior's VAE"}
     assert f"error falls from {mse['before']:.4f}" in html
 
 

@@ -33,7 +33,8 @@ def _bicubic(lr_dir: Path, out: Path) -> None:
 
 
 def _vae_reconstructions(base: Path, hr_dir: Path, out: Path) -> None:
-    """HR -> prior's VAE -> image: the best any latent-diffusion output of this VAE can be."""
+    """HR -> prior's VAE -> image: how much of the HR detail this VAE keeps (not a PSNR ceiling: a
+    blurrier output can score higher)."""
     import torch
     from diffusers import AutoencoderKL
 
@@ -141,7 +142,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     print("[5/6] evaluation (PSNR/SSIM on Y; learned metrics need their weights, see README)")
     results = {}
     for name, folder in (("bicubic", "bicubic"), ("prior alone (before XPSR training)", "sr_before"),
-                         ("XPSR (tiny, CPU)", "sr"), ("VAE reconstruction of the HR (ceiling)", "vae_recon")):
+                         ("XPSR (tiny, CPU)", "sr"), ("HR through the prior's VAE", "vae_recon")):
         ev = EvalConfig(sr=str(out / folder), hr=str(test / "hr"), output_dir=str(out / "eval" / folder),
                         metrics=["psnr", "ssim"], device="cpu", label=name)
         results[name] = {k: v for k, v in evaluate(ev).items() if k != "settings"}

@@ -56,6 +56,7 @@ def _metrics_html(results: dict[str, dict[str, float]]) -> str:
 def _note(results: dict, seconds: dict, summary: dict, prior: dict, noise_mse: dict) -> str:
     settings = prior["recipe"]["settings"]
     psnr = {k: v["psnr"] for k, v in results.items()}
+    vae_psnr = psnr["HR through the prior's VAE"]
     verb = "falls" if noise_mse["after"] < noise_mse["before"] else "does <b>not</b> fall"
     reused = " (reused from an earlier run)" if seconds["prior"] < prior["seconds"] else ""
     return f"""<p class="note"><b>Read this first:</b> this run trains a <i>tiny</i> model on six photos, on a
@@ -71,8 +72,8 @@ Diffusion's. Here they are a stand-in made by this run{reused}: a VAE with 4x (S
 trained {settings['vae_steps']} steps to reconstruct crops of the training photos, and the base UNet trained
 {settings['unet_steps']} steps to denoise its latents ({prior['seconds']} s). That prior knows six photos, not
 the world: it draws no realistic texture, so expect a soft picture, not one sharper than bicubic. Its VAE alone
-caps what any sample can reach ({psnr['VAE reconstruction of the HR (ceiling)']:.2f} dB for HR &rarr; VAE
-&rarr; image). The text encoder is random and the prior is trained to ignore text, so prompts, classifier-free
+loses detail: HR &rarr; VAE &rarr; image scores {vae_psnr:.2f} dB (a blurrier
+image can score higher). The text encoder is random and the prior is trained to ignore text, so prompts, classifier-free
 guidance and SFA's quality prompts carry no meaning here, and 6 photos are no training set.</p>"""
 
 

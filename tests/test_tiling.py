@@ -1,6 +1,5 @@
 """Tiled VAE equals the untiled one (whole-image GroupNorm statistics, receptive-field padding, global
 attention); the official latent-tiling rule; the VAE's scale factor comes from its config."""
-import dataclasses
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from xpsr.inference.pipeline import condition_image, super_resolve
 from xpsr.inference.tiling import blend_latent_tiles, vae_decode, vae_encode, vae_scale_factor
 from xpsr.inference.vae_tiling import decoder_units, encoder_units, receptive_radius, untiled_limit
 from xpsr.models.build import build_xpsr
-from xpsr.models.tiny import TINY_VAE
+from xpsr.models.tiny import TINY_VAE, build_tiny_base
 
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=4,
               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
@@ -169,7 +168,7 @@ def _cfg(**kw):
 
 
 @torch.no_grad()
-def test_scale_factor_comes_from_the_vae_config():
+def test_scale_factor_comes_from_the_vae_config(tmp_path):
     vae4 = _vae(block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
                 up_block_types=("UpDecoderBlock2D",) * 3)
     assert vae_scale_factor(vae4) == 4 and vae_scale_factor(_vae()) == 8
@@ -177,8 +176,12 @@ def test_scale_factor_comes_from_the_vae_config():
     tiled, untiled = vae_encode(vae4, image, 40, cache_mb=64), vae_encode(vae4, image, None)
     assert tiled.shape == untiled.shape == (1, 4, 10, 34) and _psnr(tiled, untiled) > 100
     # the whole pipeline with a 4x VAE (and a ControlNet condition embedding that downsamples 4x)
-    modules = build_xpsr(tiny_config(conditioning_channels=[8, 16, 32]))
-    modules = dataclasses.replace(modules, vae=vae4)
+    # (a base folder, as build_xpsr checks the conditioning widths against the VAE it loads)
+    parts = build_tiny_base(seed=0)
+    for name, part in dict(parts, vae=vae4).items():
+        if name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+            part.save_pretrained(tmp_path / name)
+    modules = build_xpsr(tiny_config(base=str(tmp_path), conditioning_channels=[8, 16, 32]))
     lr = np.random.default_rng(0).integers(0, 255, (9, 13, 3), dtype=np.uint8)
     cfg = _cfg(latent_tile=6, latent_overlap=2)  # 36 x 52 px -> 9 x 13 latents: tiled latents, 4 px per latent
     assert condition_image(lr, cfg, "cpu", vae_scale_factor(vae4)).shape[-2:] == (36, 52)

@@ -36,10 +36,8 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 def cmd_demo(cfg: DemoConfig) -> int:
     """The whole pipeline on bundled photos with the tiny model; writes report.html."""
     from xpsr.demo import run_demo
-    from xpsr.models.build import build_xpsr, model_summary
 
-    print(model_summary(build_xpsr(cfg.model)))
-    run_demo(cfg)
+    run_demo(cfg)  # prints the model summary once its prior exists
     return 0
 
 

@@ -249,15 +249,19 @@ def to_dict(cfg: Any) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 
 
-def describe(schema: type, prefix: str = "") -> list[tuple[str, Any, str]]:
-    """(key, default, doc and rules) for every leaf of ``schema``: what `--help` prints."""
+def describe(schema: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, Any, str]]:
+    """(key, default, doc and rules) for every leaf of ``schema``: what `--help` prints. ``defaults``: an
+    instance whose values are the defaults (a nested section's own defaults can differ from its class's)."""
     rows = []
     for f in dataclasses.fields(schema):
         key = f"{prefix}{f.name}"
-        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory()):
-            rows += describe(type(f.default_factory()), key + ".")
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if dataclasses.is_dataclass(default):
+            rows += describe(type(default), key + ".", default)
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         rules = describe_rules(f.metadata)
         rows.append((key, default, f"{f.metadata.get('doc', '')} {rules}".rstrip()))
     return rows

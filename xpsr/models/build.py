@@ -17,6 +17,7 @@ from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DCondi
 from torch import nn
 
 from xpsr.config import ModelConfig
+from xpsr.inference.tiling import vae_scale_factor
 from xpsr.models.controlnet import XPSRControlNet, as_xpsr_controlnet
 from xpsr.models.pixel_attention import as_xpsr_unet, inject_pixel_attention
 from xpsr.models.sfa import has_sfa, inject_sfa
@@ -105,6 +106,20 @@ def load_base(base: str, revision: str | None = None, dtype: torch.dtype = torch
     return parts
 
 
+def check_conditioning_factor(cfg: ModelConfig, vae: AutoencoderKL) -> None:
+    """The ControlNet's conditioning embedding must shrink the LR condition to the latent size: it has one
+    stride-2 stage per ``conditioning_channels`` entry after the first, so it needs log2(factor) + 1 entries."""
+    factor, widths = vae_scale_factor(vae), list(cfg.conditioning_channels)
+    if 2 ** (len(widths) - 1) != factor:
+        from xpsr.config import ConfigError
+
+        n = factor.bit_length()
+        raise ConfigError(
+            f"model.conditioning_channels={widths} shrinks the condition {2 ** (len(widths) - 1)}x, but the VAE of "
+            f"model.base={cfg.base!r} makes latents {factor}x smaller than the image: give {n} widths "
+            f"(e.g. {[8 * 2 ** min(i, 2) for i in range(n)]})")
+
+
 def inject_controlnet(controlnet: ControlNetModel, cfg: ModelConfig) -> XPSRControlNet:
     """SFA (``cfg.fusion_mode``) and the DFC heads into a stock ControlNet, in place. Fresh weights come
     from the global RNG: :func:`inject_xpsr` seeds it; a loader that overwrites every weight need not."""
@@ -179,6 +194,7 @@ def build_xpsr(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> XPSRModu
     else:
         parts = load_base(cfg.base, cfg.revision, dtype=dtype)
     unet = parts["unet"]
+    check_conditioning_factor(cfg, parts["vae"])
     if has_sfa(unet):
         raise ValueError("ControlNet must be derived from the stock UNet, before any injection")
     with torch.random.fork_rng(devices=[]):

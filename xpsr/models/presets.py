@@ -5,7 +5,7 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
 
 from xpsr.config import ModelConfig
-from xpsr.models.build import XPSRModules, freeze_for_training, inject_xpsr
+from xpsr.models.build import XPSRModules, check_conditioning_factor, freeze_for_training, inject_xpsr
 from xpsr.models.tiny import SD_SCHEDULER
 
 _SD_COMMON = dict(
@@ -59,6 +59,7 @@ def build_random_sd(preset: str, cfg: ModelConfig, device: str | torch.device = 
         with torch.device(device):
             unet = UNet2DConditionModel(**UNET_CONFIGS[preset])
             vae = AutoencoderKL(**SD_VAE)
+            check_conditioning_factor(cfg, vae)
             controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(
                 cfg.conditioning_channels))
             unet, controlnet = inject_xpsr(unet, controlnet, cfg)

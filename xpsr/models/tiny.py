@@ -25,6 +25,12 @@ TINY_VAE = dict(
     block_out_channels=(8, 16, 16, 16),
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
 )
+# The demo's prior (xpsr/training/prior.py pre-trains these on the bundled photos): a VAE with 4x spatial
+# compression (3 blocks; 8x with 4 channels cannot be taught to reconstruct photos in CPU minutes) and the
+# tiny UNet on its latents. Its conditioning embedding needs 2 stride-2 stages: 3 conditioning_channels.
+DEMO_VAE = dict(TINY_VAE, latent_channels=8, block_out_channels=(16, 32, 32),
+                down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
+DEMO_UNET = dict(TINY_UNET, sample_size=16, in_channels=8, out_channels=8)
 SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                     clip_sample=False, steps_offset=1, prediction_type="epsilon")
 

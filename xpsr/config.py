@@ -250,6 +250,46 @@ class DFCConfig:
                                 "paper: one term at each of the 3 finest latent resolutions")
 
 
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+
+
+@dataclass
+class OneStepConfig:
+    """One-step XPSR (experimental, beyond the paper; README: One-step XPSR): a LoRA student distilled from a
+    trained multi-step XPSR teacher. ``enabled=false`` trains the multi-step model as before."""
+
+    enabled: bool = doc(False, "train the one-step student instead of the multi-step model")
+    teacher: str | None = doc(None, "trained XPSR weights the student starts from and the teacher is (our "
+                                    ".safetensors or a run dir); null = the freshly built model (tiny tests only)")
+    timestep: int = doc(999, "the fixed timestep t* of the single UNet + ControlNet call (OSEDiff: 999)")
+    lr_latent: str = choice("mean", ("mean", "sample"), "z_lr: the VAE posterior mean of the LR or a sample")
+    lora_rank: int = doc(4, "rank of the student's LoRA adapters on the UNet")
+    lora_alpha: float = doc(4.0, "LoRA alpha (scale = alpha / rank)")
+    lora_targets: list[str] = doc(LORA_TARGETS, "UNet module names (last parts) that get LoRA; only the stock "
+                                                "UNet's modules, never the XPSR pixel attentions or SFA branches")
+    controlnet: str = choice("train", ("train", "frozen"), "the student's ControlNet: trained in full (XPSR's "
+                                                           "trainable set) or frozen at the teacher's weights")
+    regression: str = choice("latent", ("latent", "pixel"), "regression to HR: MSE of latents, or MSE of the "
+                                                            "decoded image (decodes with gradients)")
+    regression_weight: float = doc(1.0, "weight of the regression term (0 = off)")
+    lpips_weight: float = doc(0.0, "weight of LPIPS(decoded SR, HR) (0 = off); needs the metrics extra and the "
+                                   "LPIPS weights in weights_dir, as `xpsr eval`")
+    weights_dir: str | None = doc(None, "folder of metric weight files for LPIPS (else $XPSR_METRIC_WEIGHTS)")
+    dfc_weight: float = doc(0.0, "weight of the DFC terms of the student's ControlNet (pixel + latent, all "
+                                 "scales, as the multi-step loss without its lambda; 0 = off)")
+    distill_weight: float = doc(1.0, "weight of the latent MSE to the cached multi-step teacher output (0 = off)")
+    teacher_infer_config: str | None = doc(None, "an `xpsr infer` YAML for the teacher's sampler; null = "
+                                                 "InferConfig defaults (official test settings)")
+    cache_dir: str | None = doc(None, "teacher-output cache folder (shared across runs is fine); null = "
+                                      "OUTPUT_DIR/teacher_cache")
+    vsd_weight: float = doc(0.0, "weight of the distribution-matching (VSD) regulariser (0 = off)")
+    vsd_guidance_scale: float = doc(4.5, "CFG scale of the real score model (the frozen teacher)")
+    vsd_min_timestep: int = doc(20, "smallest timestep of the VSD and fake-score noising")
+    vsd_max_timestep: int = doc(980, "largest timestep of the VSD and fake-score noising")
+    fake_lora_rank: int = doc(4, "rank of the fake score model's LoRA (a second adapter on the UNet)")
+    fake_learning_rate: float = doc(1.0e-4, "learning rate of the fake score model's LoRA")
+
+
 @dataclass
 class ValidationConfig:
     """Validation samples with the inference code (`xpsr.inference`): the settings of ``infer_config``
@@ -310,6 +350,7 @@ class TrainConfig:
     content_prompt: str = choice("caption", ("caption", "empty"),
                                  "caption: the cached content prompt (paper); empty: '' (the official release)")
     dfc: DFCConfig = field(default_factory=DFCConfig)
+    onestep: OneStepConfig = field(default_factory=OneStepConfig)
     checkpoint_every: int = doc(500, "write checkpoints/step-N every N steps")
     checkpoints_total_limit: int | None = doc(3, "keep at most this many checkpoints (null = all)")
     validation: ValidationConfig = field(default_factory=ValidationConfig)
@@ -328,6 +369,11 @@ class InferConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     weights: str | None = doc(None, "our trained .safetensors, a run dir (final/), an exported folder, an "
                                     "official XPSR folder; null = the freshly built model (tiny smoke tests)")
+    mode: str = choice("multistep", ("multistep", "onestep"),
+                       "multistep: the XPSR sampler; onestep: one UNet + ControlNet call at onestep_timestep, no "
+                       "CFG (weights of a one-step run; README: One-step XPSR)")
+    onestep_timestep: int | None = doc(None, "mode=onestep: the timestep t*; null = the one the run was trained "
+                                             "with (999 for weights that do not say)")
     scheduler: str = choice("ddpm", ("ddpm", "ddim", "unipc", "dpmsolver++"), "sampler (official test: DDPM)")
     num_inference_steps: int = doc(20, "denoising steps (official: 20)")
     guidance_scale: float = doc(4.5, "classifier-free guidance (official test config 4.5; paper 5.5)")
@@ -402,6 +448,8 @@ class ExportConfig:
     output: str = doc("???", "the folder to write (model_index.json, components, README.md model card)")
     model: ModelConfig = field(default_factory=ModelConfig)
     overwrite: bool = doc(False, "write into an output folder that already has files")
+    merge_lora: bool = doc(False, "weights of a one-step run: merge the student's LoRA into the UNet weights "
+                                  "(needed to export one-step weights)")
     license: str | None = doc(None, "model card `license` (a Hub licence id); null: apache-2.0 for the tiny "
                                     "model, else 'other' with a line naming the base model whose licence applies")
     base_model: str | None = doc(None, "model card `base_model` (a Hub model id); null: model.base when it is a "

@@ -184,7 +184,8 @@ def onestep_latents(modules, lr_cond: torch.Tensor, c: torch.Tensor, q: torch.Te
     the multi-step path (README: One-step XPSR)."""
     from xpsr.onestep.objective import predicted_x0
 
-    t = cfg.onestep_timestep if cfg.onestep_timestep is not None else (modules.onestep_timestep or 999)
+    stored = getattr(modules, "onestep_timestep", None)  # XPSRPipeline passes itself as `modules`
+    t = cfg.onestep_timestep if cfg.onestep_timestep is not None else (stored if stored is not None else 999)
     z_lr = lr_latents(modules, lr_cond, cfg, generator)
     timestep = torch.tensor(int(t), device=z_lr.device)
     out = guided_noise(modules, z_lr, timestep, lr_cond, c, q, dataclasses.replace(cfg, guidance_scale=1.0))

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from xpsr.config import InferConfig, ModelConfig
+from xpsr.config import InferConfig, ModelConfig, OneStepConfig
 from xpsr.data.images import IMAGE_SUFFIXES, ImageError, file_hash, list_images, load_rgb, save_png_atomic
 from xpsr.inference.pipeline import super_resolve
 from xpsr.models.build import DTYPES, XPSRModules, build_xpsr, load_base
@@ -40,7 +40,18 @@ def load_modules(cfg: InferConfig) -> XPSRModules:
     if weights is None:
         return build_xpsr(cfg.model)
     if weights.is_file():
-        modules = build_xpsr(_model_config_from(read_config(weights), cfg.model))
+        stored = read_config(weights)
+        modules = build_xpsr(_model_config_from(stored, cfg.model))
+        onestep = stored.get("onestep") or {}
+        if onestep.get("enabled"):  # a one-step student: its adapters first, so the stored LoRA weights fit
+            from xpsr.onestep.lora import FAKE, attach_onestep, drop_adapter
+
+            ocfg = OneStepConfig(**{k: v for k, v in onestep.items() if k in OneStepConfig.__dataclass_fields__})
+            attach_onestep(modules.unet, ocfg, stored.get("seed", 0))
+            load_trained(weights, modules.unet, modules.controlnet)
+            drop_adapter(modules.unet, FAKE)
+            modules.onestep_timestep = ocfg.timestep
+            return modules
         load_trained(weights, modules.unet, modules.controlnet)
         return modules
     if not weights.is_dir():
@@ -66,6 +77,13 @@ def load_modules(cfg: InferConfig) -> XPSRModules:
         parts = load_base(cfg.model.base, cfg.model.revision)
     return XPSRModules(unet=unet, controlnet=controlnet, vae=parts["vae"], text_encoder=parts["text_encoder"],
                        tokenizer=parts["tokenizer"], scheduler=parts["scheduler"], config=model_cfg)
+
+
+def check_mode(modules: XPSRModules, cfg: InferConfig) -> None:
+    """A one-step student's LoRA would silently change every step of the multi-step sampler: refuse that."""
+    if cfg.mode == "multistep" and modules.onestep_timestep is not None:
+        raise ValueError(f"weights={cfg.weights} are a one-step student (a run with onestep.enabled=true): "
+                         "pass mode=onestep, or use the teacher's weights for the multi-step sampler")
 
 
 class PromptSource:
@@ -144,6 +162,7 @@ def run_inference(cfg: InferConfig) -> dict:
     mine = inputs[state.process_index::state.num_processes]
     todo = [p for p in mine if not (out / p.relative_to(root)).with_suffix(".png").is_file()]
     modules = load_modules(cfg)
+    check_mode(modules, cfg)
     for m in (modules.unet, modules.controlnet, modules.vae, modules.text_encoder):
         m.to(device).eval()
         if cfg.dtype != "fp32":

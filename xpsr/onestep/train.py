@@ -111,7 +111,7 @@ def build_onestep(cfg: TrainConfig, modules: XPSRModules, out: Path, device) -> 
     if fake:
         groups.append({"params": list(fake.values()), "lr": ocfg.fake_learning_rate})
     tcfg = teacher_infer_config(ocfg)
-    cache = TeacherCache(ocfg.cache_dir or out / "teacher_cache", teacher_hash, sampler_settings(tcfg))
+    cache = TeacherCache(ocfg.cache_dir or Path(out) / "teacher_cache", teacher_hash, sampler_settings(tcfg))
     parts = OneStepParts(ocfg, teacher_controlnet, tcfg, cache)
     if ocfg.vsd_weight > 0:
         tok, enc = modules.tokenizer, modules.text_encoder

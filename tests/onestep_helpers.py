@@ -32,5 +32,5 @@ def build(out, *overrides):
 
 def batch(seed: int = 0, size: int = 64) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return {"hr": torch.rand(2, 3, size, size, generator=g) * 2 - 1, "lr_cond": torch.rand(2, 3, size, size, generator=g),
-            "content_prompt": ["a cat", "a house"], "quality_prompt": ["blurry", "noisy"]}
+    hr, lr_cond = torch.rand(2, 3, size, size, generator=g) * 2 - 1, torch.rand(2, 3, size, size, generator=g)
+    return {"hr": hr, "lr_cond": lr_cond, "content_prompt": ["a cat", "a house"], "quality_prompt": ["blurry", "noisy"]}

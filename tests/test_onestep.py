@@ -142,10 +142,9 @@ def test_predicted_x0_inverts_the_forward_process(prediction):
 
 
 def test_lpips_term_without_weights_says_what_is_missing(tmp_path):
+    from xpsr.config import OneStepConfig
     from xpsr.metrics.weights import MissingMetricWeights
     from xpsr.onestep.train import make_lpips
-
-    from xpsr.config import OneStepConfig
 
     with pytest.raises(MissingMetricWeights, match="lpips"):
         make_lpips(OneStepConfig(lpips_weight=1.0, weights_dir=str(tmp_path)), torch.device("cpu"))
@@ -154,3 +153,13 @@ def test_lpips_term_without_weights_says_what_is_missing(tmp_path):
 def test_all_terms_off_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="every loss weight is 0"):
         build(tmp_path, *[f"onestep.{t}_weight=0" for t in ("regression", "lpips", "dfc", "distill", "vsd")])
+
+
+def test_validation_of_a_onestep_run_samples_in_one_step(tmp_path):
+    from onestep_helpers import onestep_config
+
+    from xpsr.training.validation import validation_infer_config
+
+    cfg = onestep_config(tmp_path, "onestep.timestep=900")
+    infer = validation_infer_config(cfg, scale=4)
+    assert (infer.mode, infer.onestep_timestep, infer.lr_latent) == ("onestep", 900, cfg.onestep.lr_latent)

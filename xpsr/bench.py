@@ -195,7 +195,8 @@ def _infer_bench(cfg: BenchConfig, mode: str) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
-    result = {"what": "infer", "mode": mode, "preset": cfg.preset, "device": str(device), "dtype": cfg.dtype, "tiled": cfg.tiled,
+    result = {"what": "infer", "mode": mode, "preset": cfg.preset, "device": str(device), "dtype": cfg.dtype,
+              "tiled": cfg.tiled,
               "lr_size": cfg.lr_size, "sr_size": cfg.lr_size * 4, "inference_steps": cfg.inference_steps,
               "seconds_per_image": statistics.mean(times), "runs": len(times)}
     if device.type == "cuda":

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import REPO
 from onestep_helpers import RECIPE, TEACHER_INFER, build
+from PIL import Image
 from safetensors.torch import load_file
 
 
@@ -90,10 +91,16 @@ def test_infer_onestep_folder_export_merged_and_tables(runs, tmp_path):
     assert infer(exported, "sr_merged")["done"] == 2
     for name in os.listdir(tmp_path / "sr_onestep"):
         if name.endswith(".png"):
-            from PIL import Image
-
             x, y = (np.asarray(Image.open(tmp_path / d / name)).astype(int) for d in ("sr_onestep", "sr_merged"))
             assert np.abs(x - y).max() <= 1
+    from xpsr.inference.diffusers_pipeline import XPSRPipeline
+
+    pipe = XPSRPipeline.from_pretrained(exported)  # the diffusers face: the same one-step bytes as `xpsr infer`
+    name = sorted(os.listdir(lr_dir))[0]
+    out = pipe(str(lr_dir / name), mode="onestep", scheduler="ddim", process_size=64, lr_latent="mean",
+               output_type="np").images[0]
+    expected = np.asarray(Image.open((tmp_path / "sr_merged" / name).with_suffix(".png")))
+    assert np.array_equal((out * 255).round().astype(np.uint8), expected)
     with pytest.raises(ValueError, match="merge_lora=true"):
         export_model(ExportConfig(weights=str(runs["straight"]), output=str(tmp_path / "unmerged")))
     multi = load_config(InferConfig, REPO / "configs" / "infer" / "tiny_cpu.yaml",

@@ -163,3 +163,23 @@ def test_validation_of_a_onestep_run_samples_in_one_step(tmp_path):
     cfg = onestep_config(tmp_path, "onestep.timestep=900")
     infer = validation_infer_config(cfg, scale=4)
     assert (infer.mode, infer.onestep_timestep, infer.lr_latent) == ("onestep", 900, cfg.onestep.lr_latent)
+
+
+def test_a_teacher_checkpoint_decides_the_model_and_the_saved_config(tmp_path):
+    """The run's config (saved with every checkpoint, read by `xpsr infer`) names the teacher's model settings."""
+    from conftest import tiny_config
+    from onestep_helpers import onestep_config
+
+    from xpsr.config import to_dict
+    from xpsr.models.build import build_xpsr
+    from xpsr.models.checkpoint import save_trained
+    from xpsr.onestep.train import build_teacher
+
+    other = tiny_config(conditioning_channels=[16, 32, 96, 256])
+    teacher = build_xpsr(other)
+    path = save_trained(tmp_path / "teacher.safetensors", teacher.unet, teacher.controlnet, {"model": to_dict(other)})
+    cfg = onestep_config(tmp_path, f"onestep.teacher={path}")
+    modules = build_teacher(cfg)
+    assert cfg.model.conditioning_channels == [16, 32, 96, 256]
+    assert torch.equal(modules.controlnet.controlnet_cond_embedding.conv_in.weight,
+                       teacher.controlnet.controlnet_cond_embedding.conv_in.weight)

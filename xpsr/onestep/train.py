@@ -62,7 +62,8 @@ def build_teacher(cfg: TrainConfig) -> XPSRModules:
         path = path / "final" / "trained.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"onestep.teacher={ocfg.teacher}: no trained weights at {path}")
-    modules = build_xpsr(_model_config_from(read_config(path), cfg.model))
+    cfg.model = _model_config_from(read_config(path), cfg.model)  # the run's saved config says what was built
+    modules = build_xpsr(dataclasses.replace(cfg.model, seed=cfg.seed))
     load_trained(path, modules.unet, modules.controlnet)
     return modules
 

@@ -150,6 +150,16 @@ def _run_bench(cfg: BenchConfig) -> dict:
 
 
 def run_infer_bench(cfg: BenchConfig) -> dict:
+    """Seconds per image of `super_resolve` for an lr_size x lr_size input (x4 output); ``mode=both``: the
+    multi-step sampler, then the one-step student on the same model, with their ratio."""
+    if cfg.mode != "both":
+        return _infer_bench(cfg, cfg.mode)
+    multi, one = _infer_bench(cfg, "multistep"), _infer_bench(cfg, "onestep")
+    return {"multistep": multi, "onestep": one,
+            "speedup": multi["seconds_per_image"] / one["seconds_per_image"]}
+
+
+def _infer_bench(cfg: BenchConfig, mode: str) -> dict:
     """Seconds per image and peak memory of `super_resolve` for an lr_size x lr_size input (x4 output)."""
     import numpy as np
 
@@ -163,8 +173,16 @@ def run_infer_bench(cfg: BenchConfig) -> dict:
         m.eval()
         if cfg.dtype != "fp32":
             m.to(DTYPES[cfg.dtype])
+    if mode == "onestep":  # the student as trained: an (untrained) LoRA adapter on the UNet, not merged
+        from xpsr.config import OneStepConfig
+        from xpsr.onestep.lora import STUDENT, attach_adapter
+
+        ocfg = OneStepConfig()
+        attach_adapter(modules.unet, STUDENT, ocfg.lora_rank, ocfg.lora_alpha, ocfg.lora_targets, cfg.seed)
+        modules.unet.to(device)
     big = 10**6
-    infer = InferConfig(input="-", output_dir="-", num_inference_steps=cfg.inference_steps, scheduler="ddim",
+    infer = InferConfig(input="-", output_dir="-", mode=mode, lr_latent="mean" if mode == "onestep" else "sample",
+                        num_inference_steps=cfg.inference_steps, scheduler="ddim",
                         process_size=64, dtype=cfg.dtype, latent_tile=64 if cfg.tiled else big,
                         vae_tile=512 if cfg.tiled else big, vae_decoder_tile=64 if cfg.tiled else big)
     lr = np.random.default_rng(cfg.seed).integers(0, 255, (cfg.lr_size, cfg.lr_size, 3), dtype=np.uint8)
@@ -177,7 +195,8 @@ def run_infer_bench(cfg: BenchConfig) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
-    result = {"what": "infer", "preset": cfg.preset, "device": str(device), "dtype": cfg.dtype, "tiled": cfg.tiled,
+    result = {"what": "infer", "mode": mode, "preset": cfg.preset, "device": str(device), "dtype": cfg.dtype,
+              "tiled": cfg.tiled,
               "lr_size": cfg.lr_size, "sr_size": cfg.lr_size * 4, "inference_steps": cfg.inference_steps,
               "seconds_per_image": statistics.mean(times), "runs": len(times)}
     if device.type == "cuda":
@@ -185,3 +204,48 @@ def run_infer_bench(cfg: BenchConfig) -> dict:
     else:
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
+
+
+def run_flops_bench(cfg: BenchConfig) -> dict:
+    """FLOPs per output image (torch's FlopCounterMode: matmuls, convolutions, attention) of the multi-step
+    sampler (``inference_steps`` x CFG batch 2 x (ControlNet + UNet)) and of the one-step student (one
+    ControlNet + UNet call, batch 1, LoRA merged), each with the text encoder, VAE encode and decode. Built on
+    the meta device: shapes only, nothing is computed, so SD-size models cost no memory or time."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from xpsr.models.forward import predict_noise
+    from xpsr.models.presets import TEXT_WIDTH, build_random_sd
+
+    if cfg.preset == "tiny":
+        raise ValueError("what=flops counts SD shapes: preset=sd15 or sd21")
+    meta = torch.device("meta")
+    with torch.device(meta):
+        modules = build_random_sd(cfg.preset, ModelConfig(base="tiny", seed=cfg.seed), device=meta, with_text=True)
+    size, f, width = cfg.resolution, 8, TEXT_WIDTH[cfg.preset]
+    tokens = torch.zeros(1, 77, dtype=torch.long, device=meta)
+
+    def count(fn) -> int:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            fn()
+        return counter.get_total_flops()
+
+    def denoiser(batch: int) -> int:
+        z = torch.zeros(batch, 4, size // f, size // f, device=meta)
+        emb = torch.zeros(batch, 77, width, device=meta)
+        cond = torch.zeros(batch, 3, size, size, device=meta)
+        t = torch.zeros(batch, dtype=torch.long, device=meta)
+        return count(lambda: predict_noise(modules.unet, modules.controlnet, z, t, emb, emb, cond))
+
+    text = count(lambda: modules.text_encoder(tokens))  # one prompt
+    encode = count(lambda: modules.vae.encode(torch.zeros(1, 3, size, size, device=meta)))
+    decode = count(lambda: modules.vae.decode(torch.zeros(1, 4, size // f, size // f, device=meta)))
+    multi_call, one_call = denoiser(2), denoiser(1)
+    multi = 4 * text + encode + cfg.inference_steps * multi_call + decode  # 2 prompts x (negative, positive)
+    one = 2 * text + encode + one_call + decode
+    tera = 1e12
+    return {"what": "flops", "preset": cfg.preset, "resolution": size, "inference_steps": cfg.inference_steps,
+            "counted": "FlopCounterMode (matmul, conv, attention); one multiply-add = 2 FLOPs",
+            "tflops": {"text_encoder_per_prompt": text / tera, "vae_encode": encode / tera, "vae_decode": decode / tera,
+                       "controlnet_unet_cfg_batch2": multi_call / tera, "controlnet_unet_batch1": one_call / tera,
+                       "multistep_total": multi / tera, "onestep_total": one / tera},
+            "ratio_multistep_over_onestep": multi / one}

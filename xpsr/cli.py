@@ -50,6 +50,10 @@ def cmd_bench(cfg: BenchConfig) -> int:
             from xpsr.bench_data import run_data_bench
 
             result = run_data_bench(cfg)
+        elif cfg.what == "flops":
+            from xpsr.bench import run_flops_bench
+
+            result = run_flops_bench(cfg)
         elif cfg.what == "infer":
             from xpsr.bench import run_infer_bench
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from xpsr.config_degradation import DegradationConfig, KernelConfig, StageConfig  # noqa: F401 - re-exported
 from xpsr.config_io import ConfigError, check_values, describe, load_config, to_dict  # noqa: F401 - re-exported
+from xpsr.config_onestep import LORA_TARGETS, OneStepConfig  # noqa: F401 - re-exported
 from xpsr.config_rules import COLOR_FIXES, DEVICE, FUSION_MODES, METRICS, SCHEDULERS, SEED, TIMESTEP, choice, doc
 from xpsr.config_tools import BenchConfig, TablesConfig  # noqa: F401 - re-exported
 
@@ -258,6 +259,7 @@ class TrainConfig:
     content_prompt: str = choice("caption", ("caption", "empty"),
                                  "caption: the cached content prompt (paper); empty: '' (the official release)")
     dfc: DFCConfig = field(default_factory=DFCConfig)
+    onestep: OneStepConfig = field(default_factory=OneStepConfig)
     checkpoint_every: int = doc(500, "write checkpoints/step-N every N steps; 0 = never (warns: only stop_at_step "
                                      "and the final weights are written, an interrupted run starts over)", min=0)
     checkpoints_total_limit: int | None = doc(3, "keep at most this many valid checkpoints (null = all); "
@@ -280,6 +282,11 @@ class InferConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     weights: str | None = doc(None, "our trained .safetensors, a run dir (final/), an exported folder, an "
                                     "official XPSR folder; null = the freshly built model (tiny smoke tests)")
+    mode: str = choice("multistep", ("multistep", "onestep"),
+                       "multistep: the XPSR sampler; onestep: one UNet + ControlNet call at onestep_timestep, no "
+                       "CFG (weights of a one-step run; README: One-step XPSR)")
+    onestep_timestep: int | None = doc(None, "mode=onestep: the timestep t*; null = the one the run was trained "
+                                             "with (999 for weights that do not say)", min=0, max=999)
     scheduler: str = choice("ddpm", SCHEDULERS, "sampler (official test: DDPM)")
     num_inference_steps: int = doc(20, "denoising steps (official: 20)", min=1)
     guidance_scale: float = doc(4.5, "classifier-free guidance (official test config 4.5; paper 5.5)")
@@ -370,6 +377,8 @@ class ExportConfig:
                      nonempty=True)
     model: ModelConfig = field(default_factory=ModelConfig)
     overwrite: bool = doc(False, "write into an output folder that already has files")
+    merge_lora: bool = doc(False, "weights of a one-step run: merge the student's LoRA into the UNet weights "
+                                  "(needed to export one-step weights)")
     license: str | None = doc(None, "model card `license` (a Hub licence id); null: apache-2.0 for the tiny "
                                     "model, else 'other' with a line naming the base model whose licence applies")
     base_model: str | None = doc(None, "model card `base_model` (a Hub model id); null: model.base when it is a "

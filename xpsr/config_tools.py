@@ -9,8 +9,13 @@ from xpsr.config_rules import DEVICE, FUSION_MODES, METRICS, SEED, choice, doc
 
 @dataclass
 class BenchConfig:
-    what: str = choice("train", ("train", "data", "infer"), "train: one training step (forward + backward + AdamW); "
-                       "data: prepare pairs/s, heuristic captions/s, dataset samples/s; infer: seconds per image")
+    what: str = choice("train", ("train", "data", "infer", "flops"),
+                       "train: one training step (forward + backward + AdamW); data: prepare pairs/s, heuristic "
+                       "captions/s, dataset samples/s; infer: seconds per image; flops: FLOPs per image of the "
+                       "multi-step and the one-step sampler (meta device, no weights, no compute)")
+    mode: str = choice("multistep", ("multistep", "onestep", "both"),
+                       "what=infer: the multi-step sampler, the one-step student (an untrained LoRA adapter), or "
+                       "both in the same run")
     preset: str = choice("tiny", ("tiny", "sd15", "sd21"), "model shapes; sd15/sd21 use random weights")
     resolution: int = doc(64, "HR image size in pixels (latents are 1/8)", min=8, multiple_of=8)
     batch_size: int = doc(2, "images per step", min=1)

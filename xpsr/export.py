@@ -182,11 +182,25 @@ def export_model(cfg: ExportConfig) -> Path:
     weights = source.path if source.kind == "trained" else Path(cfg.weights)
     modules = load_modules(InferConfig(input="-", output_dir="-", model=cfg.model, weights=str(weights)))
     check_parts_fit(modules, cfg.model.base)
+    onestep_timestep = modules.onestep_timestep
+    if onestep_timestep is not None or cfg.merge_lora:
+        if not cfg.merge_lora:
+            raise ValueError(f"weights={cfg.weights} are a one-step student: pass merge_lora=true to fold its LoRA "
+                             "into the UNet (its adapter in peft's layout is in the run's final/student_lora/)")
+        from xpsr.onestep.lora import merge_lora
+
+        merge_lora(modules.unet)  # raises when the weights carry no student adapter
     pipe = XPSRPipeline.from_modules(modules)
     pipe.save_pretrained(out)
     if source.train_config is not None:
         (out / TRAIN_CONFIG_FILE).write_text(yaml.safe_dump(source.train_config, sort_keys=False))
-    (out / "README.md").write_text(model_card(source, cfg, modules.config))
+    card = model_card(source, cfg, modules.config)
+    if onestep_timestep is not None:
+        card += (f"\n## One-step student (experimental, beyond the XPSR paper)\n\nThe UNet has the student's LoRA "
+                 f"merged in. Run it with one step: `pipe(image, mode=\"onestep\", onestep_timestep="
+                 f"{onestep_timestep})` or `xpsr infer ... weights=THIS_FOLDER mode=onestep "
+                 f"onestep_timestep={onestep_timestep}`.\n")
+    (out / "README.md").write_text(card)
     if cfg.push_to_hub:
         push_folder(out, cfg.push_to_hub)
     return out

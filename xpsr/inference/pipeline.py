@@ -1,6 +1,7 @@
 """XPSR super-resolution of one image: prompts, start latent, tiled CFG denoising, tiled VAE, colour fix."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -152,33 +153,26 @@ def content_prompt_used(content_prompt: str, cfg: InferConfig) -> str:
     return f"{content_prompt.strip()} {cfg.added_prompt}".strip()
 
 
-@torch.no_grad()
-def super_resolve(modules, lr: np.ndarray, content_prompt: str, quality_prompt: str, cfg: InferConfig,
-                  device: torch.device, *, generator: torch.Generator | None = None,
-                  on_step_end: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                  progress: Callable[[Iterable], Iterable] | None = None) -> np.ndarray:
-    """RGB uint8 LR (h, w, 3) -> RGB uint8 SR (h*upscale, w*upscale, 3).
-
-    Hooks for the diffusers face (``XPSRPipeline``), all optional: ``generator`` (a CPU generator) replaces
-    the one seeded with ``cfg.seed``; ``on_step_end(i, t, latents)`` runs after each step and returns the
-    latents to go on with; ``progress`` wraps the timesteps (a progress bar)."""
-    generator = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
-    (th, tw), _ = output_size(lr.shape[0], lr.shape[1], cfg)
-    lr_cond = condition_image(lr, cfg, device, vae_scale_factor(modules.vae))
+def prompt_embeddings(modules, content_prompt: str, quality_prompt: str, cfg: InferConfig,
+                      device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(content, quality) embeddings, batched [negative; positive] with CFG, only the positive without it
+    (``guidance_scale <= 1`` or ``mode=onestep``); the added prompt follows a space (official script)."""
     dtype = next(modules.unet.parameters()).dtype
-
-    # prompts: [negative; positive] for both branches
     content = content_prompt_used(content_prompt, cfg)
     tok, enc = modules.tokenizer, modules.text_encoder
     c = encode_prompts(tok, enc, [cfg.negative_prompt, content], device).to(dtype)
     q = encode_prompts(tok, enc, [cfg.negative_quality_prompt, quality_prompt], device).to(dtype)
-    if cfg.guidance_scale <= 1.0:
+    if cfg.guidance_scale <= 1.0 or cfg.mode == "onestep":
         c, q = c[1:], q[1:]
+    return c, q
 
+
+def denoise(modules, lr_cond: torch.Tensor, c: torch.Tensor, q: torch.Tensor, cfg: InferConfig, device,
+            generator: torch.Generator, on_step_end=None, progress=None) -> torch.Tensor:
+    """The multi-step sampler: start latents, then every scheduled step with CFG; returns the final latents."""
     scheduler = make_scheduler(cfg.scheduler, modules.scheduler.config)
     scheduler.set_timesteps(cfg.num_inference_steps, device=device)
     latents, timesteps = start_latents(modules, lr_cond, scheduler, scheduler.timesteps, cfg, generator, device)
-
     for i, t in enumerate(progress(timesteps) if progress else timesteps):
         model_in = scheduler.scale_model_input(latents, t)
         eps = guided_noise(modules, model_in, t, lr_cond, c, q, cfg)
@@ -186,7 +180,42 @@ def super_resolve(modules, lr: np.ndarray, content_prompt: str, quality_prompt: 
         latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
         if on_step_end is not None:
             latents = on_step_end(i, t, latents)
+    return latents
 
+
+def onestep_latents(modules, lr_cond: torch.Tensor, c: torch.Tensor, q: torch.Tensor, cfg: InferConfig,
+                    generator: torch.Generator) -> torch.Tensor:
+    """One-step XPSR: z_sr = x0(z_lr, UNet(z_lr, t*)) with one UNet + ControlNet call, no CFG, latent tiling as
+    the multi-step path (README: One-step XPSR)."""
+    from xpsr.onestep.objective import predicted_x0
+
+    stored = getattr(modules, "onestep_timestep", None)  # XPSRPipeline passes itself as `modules`
+    t = cfg.onestep_timestep if cfg.onestep_timestep is not None else (stored if stored is not None else 999)
+    z_lr = lr_latents(modules, lr_cond, cfg, generator)
+    timestep = torch.tensor(int(t), device=z_lr.device)
+    out = guided_noise(modules, z_lr, timestep, lr_cond, c, q, dataclasses.replace(cfg, guidance_scale=1.0))
+    return predicted_x0(out, z_lr, timestep, modules.scheduler)
+
+
+@torch.no_grad()
+def super_resolve(modules, lr: np.ndarray, content_prompt: str, quality_prompt: str, cfg: InferConfig,
+                  device: torch.device, *, generator: torch.Generator | None = None,
+                  on_step_end: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                  progress: Callable[[Iterable], Iterable] | None = None) -> np.ndarray:
+    """RGB uint8 LR (h, w, 3) -> RGB uint8 SR (h*upscale, w*upscale, 3), by the multi-step sampler or
+    (``mode=onestep``) one call of a one-step student.
+
+    Hooks for the diffusers face (``XPSRPipeline``), all optional: ``generator`` (a CPU generator) replaces
+    the one seeded with ``cfg.seed``; ``on_step_end(i, t, latents)`` runs after each step and returns the
+    latents to go on with; ``progress`` wraps the timesteps (a progress bar)."""
+    generator = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
+    (th, tw), _ = output_size(lr.shape[0], lr.shape[1], cfg)
+    lr_cond = condition_image(lr, cfg, device, vae_scale_factor(modules.vae))
+    c, q = prompt_embeddings(modules, content_prompt, quality_prompt, cfg, device)
+    if cfg.mode == "onestep":
+        latents = onestep_latents(modules, lr_cond, c, q, cfg, generator)
+    else:
+        latents = denoise(modules, lr_cond, c, q, cfg, device, generator, on_step_end, progress)
     image = (vae_decode(modules.vae, latents, cfg.vae_decoder_tile, **vae_tile_options(cfg)) + 1) / 2
     image = fix_colors(image.clamp(0, 1), lr_cond.float(), cfg.color_fix, cfg.color_fix_8bit)
     return final_resize(image, (th, tw), cfg)

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from xpsr.config import InferConfig, ModelConfig
+from xpsr.config import InferConfig, ModelConfig, OneStepConfig
 from xpsr.data.images import IMAGE_SUFFIXES, ImageError, file_hash, list_images, load_rgb, save_png_atomic
 from xpsr.errors import DiskFullError, XPSRError, is_disk_full, shown
 from xpsr.inference.claims import FolderSession, release_claim, try_claim
@@ -64,7 +64,18 @@ def load_modules(cfg: InferConfig) -> XPSRModules:
     if weights is None:
         return build_xpsr(cfg.model)
     if weights.is_file():
-        modules = build_xpsr(_model_config_from(read_config(weights), cfg.model))
+        stored = read_config(weights)
+        modules = build_xpsr(_model_config_from(stored, cfg.model))
+        onestep = stored.get("onestep") or {}
+        if onestep.get("enabled"):  # a one-step student: its adapters first, so the stored LoRA weights fit
+            from xpsr.onestep.lora import FAKE, attach_onestep, drop_adapter
+
+            ocfg = OneStepConfig(**{k: v for k, v in onestep.items() if k in OneStepConfig.__dataclass_fields__})
+            attach_onestep(modules.unet, ocfg, stored.get("seed", 0))
+            load_trained(weights, modules.unet, modules.controlnet)
+            drop_adapter(modules.unet, FAKE)
+            modules.onestep_timestep = ocfg.timestep
+            return modules
         load_trained(weights, modules.unet, modules.controlnet)
         return modules
     if not weights.is_dir():
@@ -90,6 +101,13 @@ def load_modules(cfg: InferConfig) -> XPSRModules:
         parts = load_base(cfg.model.base, cfg.model.revision)
     return XPSRModules(unet=unet, controlnet=controlnet, vae=parts["vae"], text_encoder=parts["text_encoder"],
                        tokenizer=parts["tokenizer"], scheduler=parts["scheduler"], config=model_cfg)
+
+
+def check_mode(modules: XPSRModules, cfg: InferConfig) -> None:
+    """A one-step student's LoRA would silently change every step of the multi-step sampler: refuse that."""
+    if cfg.mode == "multistep" and modules.onestep_timestep is not None:
+        raise ValueError(f"weights={cfg.weights} are a one-step student (a run with onestep.enabled=true): "
+                         "pass mode=onestep, or use the teacher's weights for the multi-step sampler")
 
 
 class PromptSource:
@@ -360,6 +378,7 @@ def run_inference(cfg: InferConfig) -> dict:
         run = Run(cfg, out, name, len(mine), len(mine) - len(todo) - len(clashes))
         run.errors += clashes
         modules = load_modules(cfg)
+        check_mode(modules, cfg)
         for m in (modules.unet, modules.controlnet, modules.vae, modules.text_encoder):
             m.to(device).eval()
             if cfg.dtype != "fp32":

@@ -246,7 +246,9 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 def markdown_table(results: dict[str, dict[str, float]], metrics: list[str]) -> str:
     """One row per method/run, one column per metric (arrows say which way is better)."""
-    head = "| method | " + " | ".join(f"{m.upper()} {'↓' if m in LOWER_BETTER else '↑'}" for m in metrics) + " |"
+    titles = {"seconds_per_image": ("s/img", "↓")}  # the speed column of `xpsr tables`
+    head = "| method | " + " | ".join(
+        " ".join(titles.get(m, (m.upper(), '↓' if m in LOWER_BETTER else '↑'))) for m in metrics) + " |"
     lines = [head, "|" + " --- |" * (len(metrics) + 1)]
     for method, values in results.items():
         cells = []

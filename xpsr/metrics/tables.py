@@ -18,7 +18,25 @@ def load_summary(path: str | Path) -> dict[str, float]:
         path = path / "summary.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run `xpsr eval` first")
-    return {k: v for k, v in json.loads(path.read_text()).items() if isinstance(v, (int, float))}
+    doc = json.loads(path.read_text())
+    values = {k: v for k, v in doc.items() if isinstance(v, (int, float))}
+    speed = seconds_per_image(doc.get("settings", {}).get("sr"))
+    if speed is not None:
+        values[SPEED] = speed
+    return values
+
+
+SPEED = "seconds_per_image"  # a column of its own, read from the `xpsr infer` report beside the SR images
+
+
+def seconds_per_image(sr_folder: str | None) -> float | None:
+    """``seconds_per_image`` of the ``infer_report*.json`` that `xpsr infer` wrote into the SR folder an eval
+    read (the mean over processes, each timing its own share); None when there is no report."""
+    if not sr_folder or not Path(sr_folder).is_dir():
+        return None
+    values = [json.loads(r.read_text()).get(SPEED) for r in sorted(Path(sr_folder).glob("infer_report*.json"))]
+    values = [v for v in values if isinstance(v, (int, float))]
+    return sum(values) / len(values) if values else None
 
 
 def paper_rows(dataset: str, paper_file: Path = PAPER_FILE) -> tuple[dict[str, dict], dict[str, str]]:
@@ -36,6 +54,8 @@ def paper_rows(dataset: str, paper_file: Path = PAPER_FILE) -> tuple[dict[str, d
 def compare_table(runs: dict[str, str | Path], metrics: list[str], dataset: str | None = None) -> str:
     """Markdown table of our runs (label -> eval folder), with the paper's rows when ``dataset`` is given."""
     results = {label: load_summary(path) for label, path in runs.items()}
+    if any(SPEED in r for r in results.values()) and SPEED not in metrics:
+        metrics = [*metrics, SPEED]
     notes = ""
     if dataset:
         rows, sources = paper_rows(dataset)

@@ -50,6 +50,7 @@ class XPSRModules:
     tokenizer: Any
     scheduler: DDPMScheduler
     config: ModelConfig
+    onestep_timestep: int | None = None  # set when the UNet carries a one-step student (xpsr.onestep)
 
 
 def check_base_folder(folder: Path) -> None:
@@ -157,10 +158,13 @@ def inject_xpsr(unet: UNet2DConditionModel, controlnet: ControlNetModel, cfg: Mo
 
 
 def unet_trainable_names(unet: nn.Module) -> list[str]:
-    """UNet parameter names that train: pixel attentions and any SFA branches; the rest stays frozen."""
+    """UNet parameter names that train: pixel attentions and any SFA branches; the rest stays frozen.
+    A one-step student's LoRA weights (xpsr.onestep) are listed too, so our trained-weights files carry them."""
     names = []
     for name, _ in unet.named_parameters():
         if ".pixel_attentions." in name or ".quality_transformer." in name or ".fusion_transformer." in name:
+            names.append(name)
+        elif ".lora_A." in name or ".lora_B." in name:
             names.append(name)
     return names
 

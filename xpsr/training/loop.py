@@ -64,6 +64,7 @@ class Session:
     step_modules: XPSRModules | None = None  # prepared (and compiled) UNet/ControlNet for the forward
     resolved: dict = dataclasses.field(default_factory=dict)  # the config as saved with every checkpoint
     loss_log: Any = None
+    onestep: Any = None  # xpsr.onestep.train.OneStepParts when training the one-step student
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -146,7 +147,12 @@ def setup_accelerator(cfg: TrainConfig):
 def build_session(cfg: TrainConfig, accelerator, out: Path) -> Session:
     """The model placed and cast as the official script does, the optimizer, the LR schedule, EMA."""
     device, weight_dtype = accelerator.device, DTYPES[cfg.mixed_precision]
-    modules = build_xpsr(dataclasses.replace(cfg.model, seed=cfg.seed))
+    if cfg.onestep.enabled:
+        from xpsr.onestep.train import build_teacher
+
+        modules = build_teacher(cfg)
+    else:
+        modules = build_xpsr(dataclasses.replace(cfg.model, seed=cfg.seed))
     # The official script casts only the VAE and the text encoder; the frozen UNet stays fp32 and autocast
     # computes in half precision. frozen_unet_dtype=mixed_precision also stores it in half precision.
     half = [modules.vae, modules.text_encoder]
@@ -156,10 +162,17 @@ def build_session(cfg: TrainConfig, accelerator, out: Path) -> Session:
         m.to(device)
         if m in half and weight_dtype != torch.float32:
             m.to(dtype=weight_dtype)
-    trainable = trainable_parameters(modules.unet, modules.controlnet)
+    onestep = None
+    if cfg.onestep.enabled:  # the student's LoRA + ControlNet, and the fake score model's LoRA (own LR)
+        from xpsr.onestep.train import build_onestep
+
+        onestep, trainable, groups = build_onestep(cfg, modules, out, device)
+    else:
+        trainable = trainable_parameters(modules.unet, modules.controlnet)
+        groups = list(trainable.values())
     for p in trainable.values():
         p.data = p.data.float()  # master weights in fp32
-    optimizer = make_optimizer(cfg, list(trainable.values()))
+    optimizer = make_optimizer(cfg, groups)
     world = accelerator.num_processes
     from diffusers.optimization import get_scheduler
 
@@ -169,10 +182,12 @@ def build_session(cfg: TrainConfig, accelerator, out: Path) -> Session:
     return Session(cfg=cfg, out=out, accelerator=accelerator, weight_dtype=weight_dtype, modules=modules,
                    trainable=trainable, optimizer=optimizer, lr_scheduler=lr_scheduler,
                    ema=EMA(trainable, cfg.ema_decay) if cfg.use_ema else None,
-                   generator=torch.Generator().manual_seed(cfg.seed * 1000 + accelerator.process_index))
+                   generator=torch.Generator().manual_seed(cfg.seed * 1000 + accelerator.process_index),
+                   onestep=onestep)
 
 
-def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainConfig, params: list) -> torch.optim.Optimizer:
+    """AdamW over ``params`` (parameters, or parameter groups with their own ``lr``)."""
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
                   eps=cfg.adam_epsilon)
     if cfg.use_8bit_adam:
@@ -274,7 +289,12 @@ def micro_step(s: Session, batch: dict) -> tuple[dict[str, float], bool]:
     with accelerator.accumulate(s.step_modules.controlnet, s.step_modules.unet):
         batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
                  for k, v in batch.items()}
-        result = training_step(s.step_modules, batch, cfg.dfc, cfg.content_prompt, s.generator, s.weight_dtype)
+        if s.onestep is not None:
+            from xpsr.onestep.train import onestep_step
+
+            result = onestep_step(s.onestep, s.step_modules, batch, cfg.content_prompt, s.generator, s.weight_dtype)
+        else:
+            result = training_step(s.step_modules, batch, cfg.dfc, cfg.content_prompt, s.generator, s.weight_dtype)
         for name, value in result.terms.items():
             if not torch.isfinite(value).all():
                 raise NonFiniteLossError(
@@ -282,7 +302,8 @@ def micro_step(s: Session, batch: dict) -> tuple[dict[str, float], bool]:
                     f"saving. The last good checkpoint is in {s.out / 'checkpoints'}.")
         accelerator.backward(result.loss)
         if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(s.params, cfg.max_grad_norm)
+            for group in s.optimizer.param_groups:  # each group on its own (one group but for one-step VSD)
+                accelerator.clip_grad_norm_(group["params"], cfg.max_grad_norm)
         s.optimizer.step()
         s.lr_scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)
@@ -330,6 +351,10 @@ def finish(s: Session) -> None:
 
     with disk_full_is_an_error(f"the final weights {s.out / 'final'}"):
         save_trained(s.out / "final" / "trained.safetensors", s.modules.unet, s.modules.controlnet, s.resolved)
+        if s.onestep is not None:  # the student's adapter in peft's layout too (the weights above include it)
+            from xpsr.onestep.lora import save_adapter
+
+            save_adapter(s.modules.unet, s.out / "final" / "student_lora")
         if s.ema is not None:
             s.ema.swap(s.trainable)
             save_trained(s.out / "final" / "ema.safetensors", s.modules.unet, s.modules.controlnet, s.resolved)

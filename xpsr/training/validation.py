@@ -54,6 +54,8 @@ def validation_infer_config(cfg, scale: int):
                  f"added_noise_level={val.added_noise_level}", f"color_fix={val.color_fix}",
                  f"upscale={scale}", f"process_size={cfg.data.crop_size}", f"seed={cfg.seed}",
                  "input=validation-pairs", "output_dir=samples"]  # unused: pairs come from the dataset
+    if cfg.onestep.enabled:
+        overrides += ["mode=onestep", f"onestep_timestep={cfg.onestep.timestep}", f"lr_latent={cfg.onestep.lr_latent}"]
     return load_config(InferConfig, val.infer_config, overrides)
 
 

@@ -117,6 +117,18 @@ def test_output_types_batches_and_generators(pipe):
     assert np.array_equal(images, as_np)
 
 
+@pytest.mark.parametrize("keyword", ["dtype", "torch_dtype"])  # diffusers 0.42's name and its deprecated one
+def test_from_pretrained_in_half_precision_loads_every_part_in_that_dtype(exported, keyword):
+    half = XPSRPipeline.from_pretrained(exported, **{keyword: torch.bfloat16})
+    for name in ("vae", "text_encoder", "unet", "controlnet"):
+        dtypes = {p.dtype for p in getattr(half, name).parameters()}
+        assert dtypes == {torch.bfloat16}, (name, dtypes)
+    # the XPSR parts still load strictly in half precision (the pixel attention and SFA keys are there)
+    assert any("pixel_attention" in k for k in half.unet.state_dict())
+    image = half(_lr(), **CALL).images[0]
+    assert image.size == (64, 64)
+
+
 def test_arguments_map_onto_infer_config(pipe, monkeypatch):
     import xpsr.inference.diffusers_pipeline as module
 

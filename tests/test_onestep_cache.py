@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from xpsr.config import InferConfig
-from xpsr.onestep.teacher_cache import TeacherCache, cache_key, input_hash, sampler_settings, weights_hash
+from xpsr.onestep.teacher_cache import (
+    TeacherCache,
+    cache_key,
+    input_hash,
+    sampler_settings,
+    teacher_hash,
+    weights_hash,
+)
 
 
 def _counting(value):
@@ -109,3 +116,23 @@ def test_training_reads_the_teacher_from_the_cache(tmp_path):
             p.normal_(0, 0.05)
     parts.cache.folder = tmp_path / "fresh"
     assert torch.equal(teacher_latents(parts, modules, b["lr_cond"][0], "a cat", "blurry"), first)
+
+
+def test_teacher_hash_sees_settings_that_are_not_tensors(make_tiny):
+    """sfa and sequential fusion share every key, and so do epsilon and v prediction: the weights hash alone
+    would reuse one teacher's outputs for the other."""
+    from xpsr.config import ModelConfig
+
+    modules = make_tiny()
+    parts = (modules.unet, modules.controlnet)
+    cfg = ModelConfig()
+    scheduler = dict(modules.scheduler.config)
+    base = teacher_hash(parts, cfg, scheduler)
+    assert base == teacher_hash(parts, cfg, dict(reversed(scheduler.items())))
+    # where the parts came from and training-only switches are not part of the teacher
+    assert base == teacher_hash(parts, dataclasses.replace(cfg, base="/elsewhere", gradient_checkpointing=True),
+                                scheduler)
+    changed = [teacher_hash(parts, dataclasses.replace(cfg, fusion_mode="sequential"), scheduler),
+               teacher_hash(parts, dataclasses.replace(cfg, pixel_attention=False), scheduler),
+               teacher_hash(parts, cfg, {**scheduler, "prediction_type": "v_prediction"})]
+    assert len({base, *changed}) == len(changed) + 1

@@ -63,6 +63,25 @@ def run_bench(cfg: BenchConfig) -> dict:
         return _run_bench(cfg)
 
 
+def _time_calls(fn, warmup: int, steps: int, device: torch.device) -> list[float]:
+    """Seconds of each of ``steps`` calls of ``fn`` after ``warmup`` untimed ones (CUDA synchronised around
+    each timed call; the peak-memory counter is reset first)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t1 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t1)
+    return times
+
+
 def _run_bench(cfg: BenchConfig) -> dict:
     """Build the preset and time ``warmup`` + ``steps`` real training steps (xpsr.training.step) + AdamW.
 
@@ -114,20 +133,8 @@ def _run_bench(cfg: BenchConfig) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return out.loss.item()
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     try:
-        for _ in range(cfg.warmup):
-            step()
-        times = []
-        for _ in range(cfg.steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t1 = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t1)
+        times = _time_calls(step, cfg.warmup, cfg.steps, device)
     finally:
         tmp.cleanup()
     result = {
@@ -186,15 +193,8 @@ def _infer_bench(cfg: BenchConfig, mode: str) -> dict:
                         process_size=64, dtype=cfg.dtype, latent_tile=64 if cfg.tiled else big,
                         vae_tile=512 if cfg.tiled else big, vae_decoder_tile=64 if cfg.tiled else big)
     lr = np.random.default_rng(cfg.seed).integers(0, 255, (cfg.lr_size, cfg.lr_size, 3), dtype=np.uint8)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(max(cfg.steps, 1)):
-        t0 = time.perf_counter()
-        super_resolve(modules, lr, "a photo", "blurry and noisy", infer, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
+    times = _time_calls(lambda: super_resolve(modules, lr, "a photo", "blurry and noisy", infer, device),
+                        0, max(cfg.steps, 1), device)
     result = {"what": "infer", "mode": mode, "preset": cfg.preset, "device": str(device), "dtype": cfg.dtype,
               "tiled": cfg.tiled,
               "lr_size": cfg.lr_size, "sr_size": cfg.lr_size * 4, "inference_steps": cfg.inference_steps,

@@ -214,10 +214,10 @@ class XPSRPipeline(DiffusionPipeline):
 
             push_folder(out, kwargs.pop("repo_id", out.name), **kwargs)
 
-    def enable_vae_tiling(self, tile_size: int = 512) -> None:
+    def enable_vae_tiling(self, tile_size: int = InferConfig.vae_tile) -> None:
         """Encode/decode through our tiled VAE path (``InferConfig.vae_tile``) above ``tile_size`` px; on by
-        default at 512 px, as ``xpsr infer``. diffusers' AutoencoderKL tiling is not used: its per-tile
-        statistics would make results differ from ``xpsr infer``."""
+        default with ``xpsr infer``'s tile (1024 px), so a bare call keeps the pipeline equal to ``xpsr infer``.
+        diffusers' AutoencoderKL tiling is not used: its per-tile statistics would make results differ."""
         if tile_size <= 0:
             raise ValueError("tile_size must be positive (disable_vae_tiling() turns tiling off)")
         self._vae_tile = int(tile_size)

@@ -1,10 +1,11 @@
 """Teacher outputs on disk: the frozen multi-step XPSR teacher's SR latents, computed once per input.
 
-Key = sha256 of (teacher weights hash, input hash, canonical sampler settings), where the input hash covers the
-exact condition tensor (LR upscaled, after crop and flip) and both prompts. Any change of any component is a
-different key, so an entry is never reused across a change of teacher, input or sampler. One safetensors file
-per key, written to a temporary name and renamed (complete or absent after kill -9; ranks that race write the
-same bytes and the last rename wins). Each file also stores its key's components, checked on read.
+Key = sha256 of (teacher hash, input hash, canonical sampler settings). The teacher hash covers its weights
+and the settings that shape its forward without being tensors; the input hash covers the exact condition
+tensor (LR upscaled, after crop and flip) and both prompts. Any change of any component is a different key,
+so an entry is never reused across a change of teacher, input or sampler. One safetensors file per key,
+written to a temporary name and renamed (complete or absent after kill -9; ranks that race write the same
+bytes and the last rename wins). Each file also stores its key's components, checked on read.
 """
 from __future__ import annotations
 
@@ -39,6 +40,22 @@ def weights_hash(models: Iterable[torch.nn.Module]) -> str:
             t = tensor.detach().cpu().contiguous()
             h.update(f"{i}.{name}:{t.dtype}:{tuple(t.shape)};".encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# ModelConfig keys the forward does not depend on beyond the weights: where the parts came from, the seed of
+# fresh inits (the weights show them) and a training-only switch
+_NOT_FORWARD = ("base", "revision", "seed", "gradient_checkpointing")
+
+
+def teacher_hash(models: Iterable[torch.nn.Module], model_cfg, scheduler_config) -> str:
+    """The teacher's identity: every tensor of ``models`` (``weights_hash``) plus what decides their output
+    without being a tensor: the XPSR model settings (e.g. ``fusion_mode``: sfa and sequential share every key)
+    and the noise scheduler's config (e.g. ``prediction_type``, the beta schedule)."""
+    settings = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in _NOT_FORWARD}
+    h = hashlib.sha256(weights_hash(models).encode())
+    h.update(json.dumps({"model": settings, "scheduler": dict(scheduler_config)}, sort_keys=True,
+                        default=str).encode())
     return h.hexdigest()
 
 

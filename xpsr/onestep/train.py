@@ -28,7 +28,7 @@ from xpsr.onestep.objective import (
     predicted_x0,
     vsd_surrogate,
 )
-from xpsr.onestep.teacher_cache import TeacherCache, sampler_settings, weights_hash
+from xpsr.onestep.teacher_cache import TeacherCache, sampler_settings, teacher_hash
 from xpsr.training.step import StepOutput
 
 
@@ -94,7 +94,7 @@ def build_onestep(cfg: TrainConfig, modules: XPSRModules, out: Path, device) -> 
     if not any(w > 0 for w in weights):
         raise ValueError("onestep: every loss weight is 0 (regression, lpips, dfc, distill, vsd); set one above 0")
     frozen_parts = (modules.unet, modules.controlnet, modules.vae, modules.text_encoder)
-    teacher_hash = weights_hash(frozen_parts)
+    teacher_id = teacher_hash(frozen_parts, cfg.model, modules.scheduler.config)
     teacher_controlnet = modules.controlnet
     if ocfg.controlnet == "train":
         teacher_controlnet = copy.deepcopy(modules.controlnet)
@@ -112,7 +112,7 @@ def build_onestep(cfg: TrainConfig, modules: XPSRModules, out: Path, device) -> 
     if fake:
         groups.append({"params": list(fake.values()), "lr": ocfg.fake_learning_rate})
     tcfg = teacher_infer_config(ocfg)
-    cache = TeacherCache(ocfg.cache_dir or Path(out) / "teacher_cache", teacher_hash, sampler_settings(tcfg))
+    cache = TeacherCache(ocfg.cache_dir or Path(out) / "teacher_cache", teacher_id, sampler_settings(tcfg))
     parts = OneStepParts(ocfg, teacher_controlnet, tcfg, cache)
     if ocfg.vsd_weight > 0:
         tok, enc = modules.tokenizer, modules.text_encoder

@@ -33,3 +33,39 @@ def test_benchmark_script_emits_json():
                 "workers=0")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["include_data"] is True  # stdout is pure JSON even though data prep prints
+
+
+def test_flops_and_both_modes_benchmarks_run():
+    """The measurement paths of the one-step notes: FLOPs at SD 1.5 shapes on the meta device, and seconds per
+    image of both samplers on the same tiny model."""
+    proc = _run("scripts/benchmark.py", "what=flops", "preset=sd15", "resolution=512", "inference_steps=20")
+    assert proc.returncode == 0, proc.stderr
+    flops = json.loads(proc.stdout)
+    assert flops["tflops"]["multistep_total"] > 10 * flops["tflops"]["onestep_total"] > 0
+    proc = _run("scripts/benchmark.py", "what=infer", "mode=both", "preset=tiny", "lr_size=16", "inference_steps=2",
+                "steps=1", "device=cpu")
+    assert proc.returncode == 0, proc.stderr
+    both = json.loads(proc.stdout)
+    assert both["multistep"]["seconds_per_image"] > 0 and both["onestep"]["seconds_per_image"] > 0
+    assert both["speedup"] == both["multistep"]["seconds_per_image"] / both["onestep"]["seconds_per_image"]
+
+
+def test_gpu_suite_writes_measured_beside_expected(tmp_path, monkeypatch):
+    """The suite's plumbing, on a CPU command in place of the GPU ones: one row per command, a failed
+    command is a row that says so (and the exit code), the expected figures kept as written."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_script", REPO / "scripts" / "benchmark.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert all(expected.startswith("EXPECTED") for _, _, expected in script.SUITE)
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(script, "SUITE", [
+        ("tiny step", ["steps=1", "warmup=0", "resolution=32", "batch_size=1"], "EXPECTED: anything"),
+        ("bad device", ["device=tpu"], "EXPECTED: a refusal")])
+    out = tmp_path / "gpu.md"
+    assert script.gpu_suite(str(out)) == 1
+    table = out.read_text().splitlines()
+    assert table[0] == "| command | measured | expected (not measured) |" and len(table) == 4
+    assert table[2].startswith("| tiny step | ") and " ms/step" in table[2] and table[2].endswith("EXPECTED: anything |")
+    assert table[3].startswith("| bad device | failed (exit 1)")

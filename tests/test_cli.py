@@ -67,5 +67,6 @@ def test_gpu_suite_writes_measured_beside_expected(tmp_path, monkeypatch):
     assert script.gpu_suite(str(out)) == 1
     table = out.read_text().splitlines()
     assert table[0] == "| command | measured | expected (not measured) |" and len(table) == 4
-    assert table[2].startswith("| tiny step | ") and " ms/step" in table[2] and table[2].endswith("EXPECTED: anything |")
+    assert table[2].startswith("| tiny step | ") and " ms/step" in table[2]
+    assert table[2].endswith("EXPECTED: anything |")
     assert table[3].startswith("| bad device | failed (exit 1)")

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import write_png_bomb
+from conftest import REPO, write_png_bomb
 
 import xpsr.captions.cache as cache_mod
 from xpsr.captions.cache import CacheError, PromptCache, PromptRow
@@ -96,3 +96,70 @@ def test_an_export_that_fails_half_way_keeps_the_previous_file_and_leaves_no_tem
         c.export_jsonl(out)
     assert len(calls) == 21 and out.read_bytes() == before
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_truncated_cache_is_named_and_repair_salvages_the_rows_on_its_surviving_pages(tmp_path):
+    cache = tmp_path / "p.sqlite"
+    _cache_with_rows(cache, 400)
+    with PromptCache(cache) as c:
+        original = {r.image_hash: r for r in c.rows()}
+    data = cache.read_bytes()
+    cache.write_bytes(data[: len(data) // 2 + 1000])  # a copy cut short, mid-page
+    with pytest.raises(CacheError, match="p.sqlite is damaged.*caption-repair"):
+        with PromptCache(cache) as c:
+            c.count()
+    result = repair_cache(cache, tmp_path / "fixed.sqlite")
+    # SQLite reaches none of them (the table's interior pages are gone): they come from the leaf pages
+    assert not result.full_scan and 100 < len(result.rows) < 400, result.notes
+    assert all(r == original[r.image_hash] for r in result.rows)  # salvaged rows are exact, none invented
+    with PromptCache(tmp_path / "fixed.sqlite") as fixed:
+        assert fixed.count() == len(result.rows) and fixed.integrity_ok()
+
+
+def test_the_page_reader_decodes_every_row_of_an_intact_cache_with_overflow_and_wal(tmp_path):
+    from xpsr.captions.pages import leaf_records
+
+    cache = tmp_path / "p.sqlite"
+    _cache_with_rows(cache, 300)
+    with PromptCache(cache) as c:  # rows longer than a page (overflow chains), left in the WAL
+        c.put_many([PromptRow("long0", "content", "c", "q", "é" * 9000), PromptRow("long1", "quality", "c", "q", "")])
+        expected = sorted((r.image_hash, r.kind, r.text, r.created) for r in c.rows())
+        assert (tmp_path / "p.sqlite-wal").stat().st_size > 0
+        decoded = sorted((v[0], v[1], v[4], v[8]) for _, v in leaf_records(cache) if v is not None and len(v) == 9)
+    assert decoded == expected
+
+
+def test_disk_full_while_captioning_is_one_line_keeps_the_rows_written_and_a_rerun_completes(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """SQLite's page limit raises exactly what a full disk raises (SQLITE_FULL, 'database or disk is full')."""
+    import sqlite3
+
+    from xpsr.cli import main
+
+    src = tmp_path / "lr"
+    for i in range(40):
+        save_png_atomic(_img(i), src / f"{i:02d}.png")
+    cache = tmp_path / "p.sqlite"
+    args = ["caption", "--config", "configs/caption/heuristic_quality.yaml", f"images={src}", f"cache={cache}",
+            "batch_size=4", "device=cpu"]
+    real_connect = sqlite3.connect
+
+    def small_disk(*a, **k):
+        db = real_connect(*a, **k)
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        db.execute(f"PRAGMA max_page_count = {max(pages, 2) + 2}")
+        return db
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(cache_mod.sqlite3, "connect", small_disk)
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if "disk full" in line]  # the rest is the progress bar
+    assert len(said) == 1 and str(cache) in said[0] and "Traceback" not in err, err
+    monkeypatch.setattr(cache_mod.sqlite3, "connect", real_connect)  # space freed
+    with PromptCache(cache) as c:
+        kept = c.count()
+        assert 0 < kept < 40 and c.integrity_ok()  # the transactions before the full disk are whole
+    assert main(args) == 0
+    with PromptCache(cache) as c:
+        assert c.count() == 40 and len({r.image_hash for r in c.rows()}) == 40

@@ -2,7 +2,9 @@
 
 The damaged file is never modified: it is copied (with its WAL, so committed rows not yet checkpointed count)
 into a temporary folder and read there. A full scan is tried first; if SQLite stops on a damaged page, every
-rowid up to the largest one is looked up on its own, so one bad page costs only the rows stored on it.
+rowid up to the largest one is looked up on its own, so one bad page costs only the rows stored on it, and the
+file's table-leaf pages are also decoded directly (`xpsr.captions.pages`): that finds the rows of a truncated
+file, whose surviving pages SQLite can no longer reach. Rows found twice are kept once (the newest `created`).
 """
 from __future__ import annotations
 
@@ -80,8 +82,30 @@ def _scan(db: sqlite3.Connection, copy: Path, result: Salvage) -> None:
                 continue
             if found is not None:
                 rows.append(_row(found))
-    result.rows = [r for r in rows if r is not None]
+        rows += _from_pages(copy, result)
     result.invalid = sum(r is None for r in rows)
+    newest: dict[tuple, PromptRow] = {}
+    for r in rows:
+        if r is not None:
+            key = (r.image_hash, r.kind, r.captioner, r.question)
+            if key not in newest or r.created > newest[key].created:
+                newest[key] = r
+    result.rows = list(newest.values())
+
+
+def _from_pages(copy: Path, result: Salvage) -> list[PromptRow | None]:
+    """The prompt rows on the file's table-leaf pages (rows of other shapes are not prompt rows: left out)."""
+    from xpsr.captions.pages import leaf_records
+
+    try:
+        records = list(leaf_records(copy))
+    except ValueError as e:
+        result.notes.append(f"the pages could not be read ({e})")
+        return []
+    result.unreadable += sum(values is None for _, values in records)
+    found = [_row(values) for _, values in records if values is not None and len(values) == _COLUMNS.count(",") + 1]
+    result.notes.append(f"{sum(r is not None for r in found)} prompt rows decoded from the file's pages")
+    return found
 
 
 def repair_cache(cache: str | Path, output: str | Path) -> Salvage:

@@ -228,6 +228,9 @@ def test_diffusers_own_loader_with_the_custom_pipeline_file(exported, pipe, monk
     assert type(loaded) is XPSRPipeline
     lr = _lr(6)
     assert np.array_equal(loaded(lr, output_type="np", **CALL).images, pipe(lr, output_type="np", **CALL).images)
+    by_file = DiffusionPipeline.from_pretrained(exported, custom_pipeline=str(exported / "pipeline.py"),
+                                                trust_remote_code=True)  # README's other spelling
+    assert type(by_file) is XPSRPipeline
 
 
 def _tampered(exported, tmp_path, part, edit):

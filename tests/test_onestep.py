@@ -183,3 +183,28 @@ def test_a_teacher_checkpoint_decides_the_model_and_the_saved_config(tmp_path):
     assert cfg.model.conditioning_channels == [16, 32, 96, 256]
     assert torch.equal(modules.controlnet.controlnet_cond_embedding.conv_in.weight,
                        teacher.controlnet.controlnet_cond_embedding.conv_in.weight)
+
+
+def test_the_peft_adapter_folder_loads_back_into_a_fresh_unet(make_tiny, tmp_path):
+    """`final/student_lora` (peft's layout) is usable on its own: loaded into a fresh UNet it holds the same
+    LoRA weights and gives the same UNet output; a folder that is not an adapter is named."""
+    from xpsr.config import OneStepConfig
+    from xpsr.onestep.lora import attach_adapter, load_adapter, save_adapter
+
+    cfg = OneStepConfig()
+    trained, fresh = make_tiny().unet, make_tiny().unet
+    attach_adapter(trained, STUDENT, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, seed=1)
+    with torch.no_grad():  # a trained adapter: B away from its zero init
+        for p in adapter_parameters(trained, STUDENT).values():
+            p.normal_(0, 0.02, generator=torch.Generator().manual_seed(p.numel()))
+    save_adapter(trained, tmp_path / "student_lora")
+    load_adapter(fresh, tmp_path / "student_lora")
+    a, b = adapter_parameters(trained, STUDENT), adapter_parameters(fresh, STUDENT)
+    assert a.keys() == b.keys() and len(a) > 0 and all(torch.equal(a[k], b[k]) for k in a)
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 8, 8, generator=g)
+    text = torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        assert torch.equal(trained(sample, 10, text).sample, fresh(sample, 10, text).sample)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json is missing"):
+        load_adapter(fresh, tmp_path)

@@ -2,6 +2,7 @@
 no network); gradio_client submits images through the API and headless Chromium drives the page."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -43,16 +44,16 @@ def _get(url: str) -> bytes:
         return r.read()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`xpsr serve` in a subprocess on a free port; yields (url, folder with results/ and server.log)."""
-    folder = tmp_path_factory.mktemp("serve")
+@contextlib.contextmanager
+def _serving(folder: Path, *overrides: str):
+    """`xpsr serve OVERRIDES` in a subprocess on a free port, until the page answers; yields its URL."""
     port = _free_port()
     # one torch thread: the test process and the browser run beside the server, and tiny inputs need no more
     env = dict(os.environ, GRADIO_TEMP_DIR=str(folder / "gradio"), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
                OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "xpsr.cli", "serve", "--config", str(TINY), "host=127.0.0.1", f"port={port}",
-           f"output_dir={folder / 'results'}", f"max_output_pixels={MAX_OUTPUT_PIXELS}"]
+    cmd = [sys.executable, "-m", "xpsr.cli", "serve", *overrides, "host=127.0.0.1", f"port={port}",
+           f"output_dir={folder / 'results'}"]
+    folder.mkdir(parents=True, exist_ok=True)
     log = open(folder / "server.log", "w")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url, deadline = f"http://127.0.0.1:{port}/", time.time() + 300  # imports take a while on a busy machine
@@ -67,11 +68,28 @@ def server(tmp_path_factory):
                 if time.time() > deadline:
                     pytest.fail(f"xpsr serve did not answer in time:\n{(folder / 'server.log').read_text()}")
                 time.sleep(0.5)
-        yield url, folder
+        yield url
     finally:
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`xpsr serve` of the tiny CPU config; yields (url, folder with results/ and server.log)."""
+    folder = tmp_path_factory.mktemp("serve")
+    with _serving(folder, "--config", str(TINY), f"max_output_pixels={MAX_OUTPUT_PIXELS}") as url:
+        yield url, folder
+
+
+def test_a_bare_xpsr_serve_starts_on_the_tiny_model_with_no_downloads(tmp_path):
+    """What a fresh install gets from `xpsr serve` with no config: the page, on the tiny model built in code."""
+    with _serving(tmp_path / "bare") as url:
+        page = _get(url).decode("utf-8", errors="replace")
+    assert "XPSR super-resolution" in page and "fresh tiny" in page  # the heading names the model it built
+    log = (tmp_path / "bare" / "server.log").read_text()
+    assert "Traceback" not in log
 
 
 def client_file(path: Path):

@@ -19,6 +19,7 @@ from xpsr.captions.cache import KINDS, CacheError, PromptCache, PromptRow, write
 from xpsr.errors import shown
 
 _COLUMNS = "image_hash, kind, captioner, question, text, model_revision, image_source, image_path, created"
+_WIDTH = len(_COLUMNS.split(","))  # values in one prompt row
 
 
 @dataclass
@@ -103,7 +104,7 @@ def _from_pages(copy: Path, result: Salvage) -> list[PromptRow | None]:
         result.notes.append(f"the pages could not be read ({e})")
         return []
     result.unreadable += sum(values is None for _, values in records)
-    found = [_row(values) for _, values in records if values is not None and len(values) == _COLUMNS.count(",") + 1]
+    found = [_row(values) for _, values in records if values is not None and len(values) == _WIDTH]
     result.notes.append(f"{sum(r is not None for r in found)} prompt rows decoded from the file's pages")
     return found
 

@@ -4,7 +4,7 @@
     python scripts/benchmark.py preset=tiny resolution=64
     python scripts/benchmark.py --config configs/bench/sd15_gpu.yaml dtype=bf16 gradient_checkpointing=true
     python scripts/benchmark.py what=flops preset=sd15 resolution=512 inference_steps=20   # meta device, no GPU
-    python scripts/benchmark.py --gpu-suite OUT.md      # the GPU measurements this README still lacks
+    python scripts/benchmark.py --gpu-suite OUT.md      # the GPU measurements docs/speed.md still lacks
 
 ``--gpu-suite`` runs, one process each (so every peak-memory figure is its own), the commands below at SD 1.5
 shapes with random weights on ``cuda`` (speed and memory need no trained weights), and writes a Markdown

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Kill -9 fault injection for every stage (README: Reliability).
+"""Kill -9 fault injection for every stage (docs/reliability.md).
 
     python scripts/fault_injection.py --stages prepare,caption,infer,eval,train --kills 20 --seed 0 --workdir DIR
 
@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from xpsr.faults import STAGES, Settings, run_campaign
+from xpsr.apps.faults import STAGES, Settings, run_campaign
 
 
 def main(argv=None) -> int:

@@ -81,7 +81,7 @@ def test_xpsr_data_recipe_matches_the_official_generation_script():
     ("cuda:x", {"device": ("cuda",)}, "not a device"),
 ])
 def test_each_rule_refuses_what_it_should(value, rules, why):
-    from xpsr.config_rules import rule_problem
+    from xpsr.config.rules import rule_problem
 
     assert why in rule_problem(value, rules)
 
@@ -92,13 +92,13 @@ def test_each_rule_refuses_what_it_should(value, rules, why):
     ([7, 21], {"odd": True}),
 ])
 def test_each_rule_accepts_what_it_should(value, rules):
-    from xpsr.config_rules import rule_problem
+    from xpsr.config.rules import rule_problem
 
     assert rule_problem(value, rules) is None
 
 
 def test_a_misspelt_rule_fails_at_import_and_help_shows_the_rules():
-    from xpsr.config_rules import doc
+    from xpsr.config.rules import doc
 
     with pytest.raises(TypeError, match="minimum"):
         doc(1, "x", minimum=1)

@@ -7,7 +7,7 @@ from PIL import Image
 
 from xpsr.captions.cache import PromptCache, PromptRow
 from xpsr.config import DatasetConfig
-from xpsr.data.dataset import MissingPromptError, PairedPromptDataset, build_dataset
+from xpsr.training.dataset import MissingPromptError, PairedPromptDataset, build_dataset
 from xpsr.data.images import file_hash, save_png_atomic
 
 
@@ -146,7 +146,7 @@ def test_weighted_combination(tmp_path):
 def test_stream_sampler_resumes_exactly_and_shards(tmp_path):
     from itertools import islice
 
-    from xpsr.data.dataset import WeightedStreamSampler
+    from xpsr.training.dataset import WeightedStreamSampler
 
     w = torch.rand(7)
     full = list(islice(iter(WeightedStreamSampler(w, seed=3)), 40))

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from xpsr.config import ConfigError, DemoPriorConfig, DFCConfig, ModelConfig
-from xpsr.inference.tiling import vae_scale_factor
-from xpsr.models.build import build_xpsr
+from xpsr.models.build import build_xpsr, vae_scale_factor
 from xpsr.training.demo_data import write_sample_photos
 from xpsr.training.prior import ensure_prior
 
@@ -79,7 +78,7 @@ def test_conditioning_widths_must_match_the_vae_factor(prior_dir):
 
 
 def test_demo_prior_api_gives_a_base_folder_and_reuses_it(tmp_path):
-    from xpsr.demo import demo_prior
+    from xpsr.apps.demo import demo_prior
 
     folder = demo_prior(tmp_path, FAST, seed=0, log=lambda _: None)
     assert folder == tmp_path.resolve() / "prior" and (folder / "prior.json").is_file()

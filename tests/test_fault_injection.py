@@ -1,4 +1,4 @@
-"""Kill -9 fault injection (xpsr/faults, scripts/fault_injection.py): the checks catch what they must
+"""Kill -9 fault injection (xpsr/apps/faults, scripts/fault_injection.py): the checks catch what they must
 (temp files, duplicate rows, torn lines, half-written images, damaged SQLite), and a CI-sized campaign
 kills every stage at drawn instants, reruns it and finds its outputs equal to an uninterrupted run."""
 import json
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xpsr.faults import STAGES, Settings, run_stage
-from xpsr.faults.campaign import Reference, plan
-from xpsr.faults.launch import make_launcher
-from xpsr.faults.outputs import Rules, compare, snapshot
+from xpsr.apps.faults import STAGES, Settings, run_stage
+from xpsr.apps.faults.campaign import Reference, plan
+from xpsr.apps.faults.launch import make_launcher
+from xpsr.apps.faults.outputs import Rules, compare, snapshot
 
 RULES = Rules(volatile={"report.json": ("stats.seconds",)}, unique={"log.jsonl": ("step",), "db.sqlite": ("k",)})
 

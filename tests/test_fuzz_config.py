@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from xpsr import cli
 from xpsr.config import describe
-from xpsr.config_rules import check_config
+from xpsr.config.rules import check_config
 
 EXAMPLES = int(os.environ.get("XPSR_FUZZ_EXAMPLES", 12))  # per subcommand and test
 FUZZ = settings(derandomize=True, database=None, deadline=None, max_examples=EXAMPLES,

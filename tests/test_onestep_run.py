@@ -63,8 +63,8 @@ def test_resume_is_exact(runs):
 
 
 def test_infer_onestep_folder_export_merged_and_tables(runs, tmp_path):
+    from xpsr.apps.export import export_model
     from xpsr.config import EvalConfig, ExportConfig, InferConfig, load_config
-    from xpsr.export import export_model
     from xpsr.inference.run import run_inference
     from xpsr.metrics.evaluate import evaluate
     from xpsr.metrics.tables import compare_table

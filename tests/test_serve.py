@@ -208,7 +208,7 @@ def test_browser_upload_run_result(server, tmp_path):
 
 def test_serve_config_and_tiling_rules():
     """Large processing sizes are tiled whatever the control says; small ones follow it."""
-    from xpsr.serve.engine import Controls, infer_config
+    from xpsr.apps.serve.engine import Controls, infer_config
 
     cfg = load_config(ServeConfig, TINY, ["untiled_max_side=256"])
     controls = Controls(steps=2, guidance=4.5, seed=1, color_fix="wavelet", upscale=4, tiled=False, tile_px=256)
@@ -223,11 +223,11 @@ def test_serve_config_and_tiling_rules():
 
 def test_content_prompt_from_the_configured_captioner(tmp_path):
     """content_captioner=<caption config>: loaded once on first use, its caption fills the content prompt."""
+    from xpsr.apps.serve.engine import Engine, RequestError
     from xpsr.captions.heuristic import describe, measure
     from xpsr.captions.run import make_captioner
     from xpsr.captions.tiny_llava import build_tiny_llava
     from xpsr.config import CaptionConfig
-    from xpsr.serve.engine import Engine, RequestError
 
     llava = build_tiny_llava(tmp_path / "llava")
     content_yaml = tmp_path / "content.yaml"
@@ -253,8 +253,8 @@ def test_engine_calls_the_pipeline_and_tiles_large_inputs(tmp_path):
 
     import torch
 
+    from xpsr.apps.serve.engine import Controls, Engine, infer_config
     from xpsr.inference.pipeline import super_resolve
-    from xpsr.serve.engine import Controls, Engine, infer_config
 
     engine = Engine(load_config(ServeConfig, TINY, ["untiled_max_side=64"]), tmp_path / "out")
     lr_path = _photo(tmp_path / "wide.png", 40, 32)  # x2 -> 80x64 px: 10x8 latents, 2 tiles of 8

@@ -9,9 +9,9 @@ from diffusers import AutoencoderKL
 
 from xpsr.config import InferConfig, load_config
 from xpsr.inference.pipeline import condition_image, super_resolve
-from xpsr.inference.tiling import blend_latent_tiles, vae_decode, vae_encode, vae_scale_factor
+from xpsr.inference.tiling import blend_latent_tiles, vae_decode, vae_encode
 from xpsr.inference.vae_tiling import decoder_units, encoder_units, receptive_radius, untiled_limit
-from xpsr.models.build import build_xpsr
+from xpsr.models.build import build_xpsr, vae_scale_factor
 from xpsr.models.tiny import TINY_VAE, build_tiny_base
 
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=4,

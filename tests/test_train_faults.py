@@ -105,7 +105,7 @@ def _import_what_training_imports() -> None:
     from conftest import tiny_config
 
     import xpsr.cli  # noqa: F401
-    import xpsr.data.dataset  # noqa: F401
+    import xpsr.training.dataset  # noqa: F401
     import xpsr.training.loop  # noqa: F401
     from xpsr.models.build import build_xpsr
 

@@ -27,7 +27,7 @@ sys.meta_path.insert(0, NoPyiqa())
 '''
 # what only pyiqa's metrics bring in (a sign that something imported it, or its metric stack, anyway);
 # not bitsandbytes: transformers imports it whenever it is installed; not pandas: gradio (the `app`
-# extra, imported by xpsr.serve.app when installed) imports it too
+# extra, imported by xpsr.apps.serve.app when installed) imports it too
 PYIQA_STACK = ("pyiqa", "timm", "facexlib", "clip", "datasets")
 
 

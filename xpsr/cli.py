@@ -1,6 +1,6 @@
 """``xpsr SUBCOMMAND [--config FILE] [key=value ...]`` -- one subcommand per stage.
 
-Every subcommand reads one config schema (xpsr/config.py); ``xpsr SUBCOMMAND --help`` lists its keys.
+Every subcommand reads one config schema (xpsr/config/schema.py); ``xpsr SUBCOMMAND --help`` lists its keys.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 def cmd_demo(cfg: DemoConfig) -> int:
     """The whole pipeline on bundled photos with the tiny model; writes report.html."""
-    from xpsr.demo import run_demo
+    from xpsr.apps.demo import run_demo
 
     run_demo(cfg)  # prints the model summary once its prior exists
     return 0
@@ -47,19 +47,19 @@ def cmd_bench(cfg: BenchConfig) -> int:
 
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
         if cfg.what == "data":
-            from xpsr.bench_data import run_data_bench
+            from xpsr.apps.bench_data import run_data_bench
 
             result = run_data_bench(cfg)
         elif cfg.what == "flops":
-            from xpsr.bench import run_flops_bench
+            from xpsr.apps.bench import run_flops_bench
 
             result = run_flops_bench(cfg)
         elif cfg.what == "infer":
-            from xpsr.bench import run_infer_bench
+            from xpsr.apps.bench import run_infer_bench
 
             result = run_infer_bench(cfg)
         else:
-            from xpsr.bench import run_bench
+            from xpsr.apps.bench import run_bench
 
             result = run_bench(cfg)
     print(json.dumps(result, indent=2))
@@ -93,7 +93,7 @@ def cmd_infer(cfg: InferConfig) -> int:
 
 def cmd_export(cfg: ExportConfig) -> int:
     """Weights -> a diffusers folder (model_index.json, components, model card) for XPSRPipeline."""
-    from xpsr.export import export_model
+    from xpsr.apps.export import export_model
 
     out = export_model(cfg)
     pushed = f", pushed to {cfg.push_to_hub}" if cfg.push_to_hub else ""
@@ -186,7 +186,7 @@ def cmd_caption_import(cfg: CaptionImportConfig) -> int:
 def cmd_serve(cfg: ServeConfig) -> int:
     """The web app; needs the `app` extra (pip install -e ".[app]")."""
     try:
-        from xpsr.serve.app import serve
+        from xpsr.apps.serve.app import serve
     except ImportError as e:
         print(f"xpsr serve: the web app needs Gradio: pip install -e \".[app]\" ({e})", file=sys.stderr)
         return 1

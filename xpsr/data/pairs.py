@@ -7,7 +7,7 @@ crop, variant) instead, the group being N consecutive sources of the sorted inpu
 function of the inputs. Images are written to a temp file and renamed; a manifest line is appended (and
 fsynced) only after both images of its pair exist, so the manifest never points at a missing file.
 
-The recipe (README: Data): crop -> USM sharpening -> the two-stage degradation of the *sharpened* crop
+The recipe (docs/data.md): crop -> USM sharpening -> the two-stage degradation of the *sharpened* crop
 (official ``utils_data/make_train.py``); the sharpened crop is the saved HR.
 """
 from __future__ import annotations

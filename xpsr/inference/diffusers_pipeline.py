@@ -49,7 +49,7 @@ SCHEDULER_NAMES = {DDPMScheduler: "ddpm", DDIMScheduler: "ddim", UniPCMultistepS
 NOT_CALL_OPTIONS = {"input", "output_dir", "model", "weights", "dtype", "device", "prompts", "cache",
                     "caption_first", "caption_missing", "prompt", "quality_prompt"}
 PIPELINE_FILE = '''"""Entry point for diffusers' custom-pipeline loader. It defines nothing: it imports the XPSR
-pipeline from the installed `xpsr` package (see its README, "diffusers pipeline and export")."""
+pipeline from the installed `xpsr` package (see its docs, docs/pipeline.md)."""
 from xpsr.inference.diffusers_pipeline import XPSRPipeline  # noqa: F401
 '''
 
@@ -210,7 +210,7 @@ class XPSRPipeline(DiffusionPipeline):
             (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         (out / "pipeline.py").write_text(PIPELINE_FILE)
         if push_to_hub:
-            from xpsr.export import push_folder
+            from xpsr.models.hub import push_folder
 
             push_folder(out, kwargs.pop("repo_id", out.name), **kwargs)
 

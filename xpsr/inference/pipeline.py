@@ -16,9 +16,9 @@ from xpsr.inference.tiling import (
     blend_latent_tiles,
     vae_decode,
     vae_posterior,
-    vae_scale_factor,
     vae_tile_options,
 )
+from xpsr.models.build import vae_scale_factor
 from xpsr.models.forward import predict_noise
 from xpsr.models.text import encode_prompts
 
@@ -186,7 +186,7 @@ def denoise(modules, lr_cond: torch.Tensor, c: torch.Tensor, q: torch.Tensor, cf
 def onestep_latents(modules, lr_cond: torch.Tensor, c: torch.Tensor, q: torch.Tensor, cfg: InferConfig,
                     generator: torch.Generator) -> torch.Tensor:
     """One-step XPSR: z_sr = x0(z_lr, UNet(z_lr, t*)) with one UNet + ControlNet call, no CFG, latent tiling as
-    the multi-step path (README: One-step XPSR)."""
+    the multi-step path (docs/one-step.md)."""
     from xpsr.onestep.objective import predicted_x0
 
     stored = getattr(modules, "onestep_timestep", None)  # XPSRPipeline passes itself as `modules`

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from xpsr.inference.vae_tiling import run_tiled
+from xpsr.models.build import vae_scale_factor  # noqa: F401 - defined with the models; re-exported here
 
 LATENT_TILINGS = ("ours", "official")
 
@@ -102,12 +103,6 @@ def blend_latent_tiles(fn: Callable[[int, int, int, int], torch.Tensor], height:
     if not tile or max(height, width) <= tile:
         return fn(0, 0, height, width)
     return tiled_apply(fn, height, width, tile, overlap)
-
-
-def vae_scale_factor(vae) -> int:
-    """Pixels per latent along a side, from the VAE's config (diffusers' convention: one 2x downsampler
-    between consecutive blocks)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def vae_tile_options(cfg) -> dict:

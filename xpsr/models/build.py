@@ -17,7 +17,6 @@ from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DCondi
 from torch import nn
 
 from xpsr.config import ModelConfig
-from xpsr.inference.tiling import vae_scale_factor
 from xpsr.models.controlnet import XPSRControlNet, as_xpsr_controlnet
 from xpsr.models.pixel_attention import as_xpsr_unet, inject_pixel_attention
 from xpsr.models.sfa import has_sfa, inject_sfa
@@ -51,6 +50,12 @@ class XPSRModules:
     scheduler: DDPMScheduler
     config: ModelConfig
     onestep_timestep: int | None = None  # set when the UNet carries a one-step student (xpsr.onestep)
+
+
+def vae_scale_factor(vae) -> int:
+    """Pixels per latent along a side, from the VAE's config (diffusers' convention: one 2x downsampler
+    between consecutive blocks)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def check_base_folder(folder: Path) -> None:

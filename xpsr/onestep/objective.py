@@ -1,4 +1,4 @@
-"""The one-step student's forward and its loss terms (README: One-step XPSR, with the equations).
+"""The one-step student's forward and its loss terms (docs/one-step.md, with the equations).
 
 Student:  z_lr = E(lr_up) * s,  out = UNet_student(z_lr, t*, c, q, ControlNet(z_lr, t*, c, q, lr_up)),
           z_sr = x0(out) = (z_lr - sqrt(1 - abar_t*) out) / sqrt(abar_t*)        (epsilon prediction)

@@ -143,7 +143,7 @@ def teacher_latents(parts: OneStepParts, modules: XPSRModules, lr_cond: torch.Te
 
 def vsd_terms(parts: OneStepParts, modules: XPSRModules, z_sr: torch.Tensor, lr_cond, c, q,
               generator: torch.Generator, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(VSD surrogate loss of the student, diffusion loss of the fake score model); README has the equations."""
+    """(VSD surrogate loss of the student, diffusion loss of the fake score model); equations: docs/one-step.md."""
     ocfg, scheduler, unet = parts.cfg, modules.scheduler, unwrap(modules.unet)
     b, device = z_sr.shape[0], z_sr.device
 

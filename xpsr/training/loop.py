@@ -238,7 +238,7 @@ def _choose_checkpoint(s: Session) -> Path | None:
 
 def make_data(s: Session) -> None:
     """The dataset and a loader that continues at the resumed data position."""
-    from xpsr.data.dataset import build_dataset
+    from xpsr.training.dataset import build_dataset
 
     s.dataset, sampler = build_dataset(s.cfg.data, s.accelerator.process_index, s.accelerator.num_processes,
                                        start=s.state.samples)

@@ -21,9 +21,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xpsr.faults.launch import watch
-from xpsr.faults.outputs import Snapshot, compare, progress, snapshot
-from xpsr.faults.stages import STAGES, Stage
+from xpsr.apps.faults.launch import watch
+from xpsr.apps.faults.outputs import Snapshot, compare, progress, snapshot
+from xpsr.apps.faults.stages import STAGES, Stage
 
 MODES = ("uniform", "work", "write")
 LANDINGS = ("before first output", "between writes", "mid-write (temp file left)", "after last output")

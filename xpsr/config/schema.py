@@ -1,18 +1,18 @@
 """Configuration: dataclass schemas merged with YAML files and ``key=value`` overrides (OmegaConf).
 
-Every stage reads one schema. ``load_config(Schema, path, overrides)`` (xpsr/config_io.py) fails fast, naming
+Every stage reads one schema. ``load_config(Schema, path, overrides)`` (xpsr/config/loader.py) fails fast, naming
 the key and the file or override, on unknown keys, wrong types and values against a field's rules (``min=1``,
-``odd=True``, ``device=DEVICE``...: xpsr/config_rules.py), declared next to the field; `--help` shows them.
+``odd=True``, ``device=DEVICE``...: xpsr/config/rules.py), declared next to the field; `--help` shows them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from xpsr.config_degradation import DegradationConfig, KernelConfig, StageConfig  # noqa: F401 - re-exported
-from xpsr.config_io import ConfigError, check_values, describe, load_config, to_dict  # noqa: F401 - re-exported
-from xpsr.config_onestep import LORA_TARGETS, OneStepConfig  # noqa: F401 - re-exported
-from xpsr.config_rules import COLOR_FIXES, DEVICE, FUSION_MODES, METRICS, SCHEDULERS, SEED, TIMESTEP, choice, doc
-from xpsr.config_tools import BenchConfig, TablesConfig  # noqa: F401 - re-exported
+from xpsr.config.degradation import DegradationConfig, KernelConfig, StageConfig  # noqa: F401 - re-exported
+from xpsr.config.loader import ConfigError, check_values, describe, load_config, to_dict  # noqa: F401 - re-exported
+from xpsr.config.onestep import LORA_TARGETS, OneStepConfig  # noqa: F401 - re-exported
+from xpsr.config.rules import COLOR_FIXES, DEVICE, FUSION_MODES, METRICS, SCHEDULERS, SEED, TIMESTEP, choice, doc
+from xpsr.config.tools import BenchConfig, TablesConfig  # noqa: F401 - re-exported
 
 
 @dataclass
@@ -21,7 +21,7 @@ class ModelConfig:
 
     base: str = doc("tiny", "'tiny' (random tiny model built in code), a local diffusers folder, or a hub id")
     revision: str | None = doc(None, "hub revision when `base` is a hub id")
-    fusion_mode: str = choice("sfa", FUSION_MODES, "how content and quality prompts meet (README: Fusion modes)")
+    fusion_mode: str = choice("sfa", FUSION_MODES, "how content and quality prompts meet (docs/model.md)")
     sfa_down_blocks: list[int] | None = doc(None, "ControlNet down blocks with SFA; null = every cross-attention block",
                                        min=0)
     sfa_mid: bool = doc(True, "SFA in the ControlNet mid block")
@@ -176,7 +176,7 @@ class DatasetConfig:
     return_lr: bool = doc(False, "also return the native-size LR crop")
     seed: int = doc(0, "seed of the per-sample randomness (crop, flip, dropout)", **SEED)
     allow_old_recipe: bool = doc(False, "read pair folders made by an older `prepare` recipe (warning) "
-                                        "instead of failing; README: Data")
+                                        "instead of failing; docs/data.md")
     bad_manifest_lines: str = choice("error", ("error", "skip"),
                                      "manifest lines that cannot be used (bad JSON, missing keys, paths leaving "
                                      "the folder): fail naming them, or skip them with a warning naming them")
@@ -284,7 +284,7 @@ class InferConfig:
                                     "official XPSR folder; null = the freshly built model (tiny smoke tests)")
     mode: str = choice("multistep", ("multistep", "onestep"),
                        "multistep: the XPSR sampler; onestep: one UNet + ControlNet call at onestep_timestep, no "
-                       "CFG (weights of a one-step run; README: One-step XPSR)")
+                       "CFG (weights of a one-step run; docs/one-step.md)")
     onestep_timestep: int | None = doc(None, "mode=onestep: the timestep t*; null = the one the run was trained "
                                              "with (999 for weights that do not say)", min=0, max=999)
     scheduler: str = choice("ddpm", SCHEDULERS, "sampler (official test: DDPM)")

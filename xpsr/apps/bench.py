@@ -44,7 +44,7 @@ def build_for_bench(cfg: BenchConfig, device: torch.device, with_text: bool = Fa
 
 def _data_batches(cfg: BenchConfig, tmp: str, device: torch.device):
     """An endless stream of real batches: demo pairs at the bench resolution through the DataLoader."""
-    from xpsr.data.dataset import build_dataset
+    from xpsr.training.dataset import build_dataset
     from xpsr.training.demo_data import make_demo_data
 
     data_cfg = make_demo_data(tmp, crop_size=cfg.resolution, crops_per_image=1)

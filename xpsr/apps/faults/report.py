@@ -8,9 +8,9 @@ import re
 import time
 from pathlib import Path
 
-from xpsr.faults.campaign import LANDINGS, MODES, Settings, run_stage
-from xpsr.faults.launch import make_launcher
-from xpsr.faults.stages import STAGES
+from xpsr.apps.faults.campaign import LANDINGS, MODES, Settings, run_stage
+from xpsr.apps.faults.launch import make_launcher
+from xpsr.apps.faults.stages import STAGES
 
 CATEGORIES = ("crash", "data lost, duplicated or different", "temporary files left", "damaged file after a kill")
 

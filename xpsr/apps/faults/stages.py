@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xpsr.faults.outputs import Rules
+from xpsr.apps.faults.outputs import Rules
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "cat", "retina")
 

@@ -1,10 +1,10 @@
 """Config schemas of the Real-ESRGAN second-order degradation used by `xpsr prepare` (re-exported by
-xpsr/config.py); the value rules next to each field are explained in xpsr/config_rules.py."""
+xpsr/config/schema.py); the value rules next to each field are explained in xpsr/config/rules.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from xpsr.config_rules import choice, doc
+from xpsr.config.rules import choice, doc
 
 KERNEL_KINDS = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
 RESIZE_MODES = ("area", "bilinear", "bicubic", "nearest")

@@ -97,7 +97,7 @@ def demo_prior(output_dir: str | Path, prior: DemoPriorConfig | None = None, see
 
 
 def run_demo(cfg: DemoConfig) -> Path:
-    from xpsr.demo_report import write_report
+    from xpsr.apps.demo_report import write_report
     from xpsr.inference.run import run_inference
     from xpsr.metrics.evaluate import evaluate
     from xpsr.models.build import build_xpsr, model_summary
@@ -139,7 +139,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     _bicubic(test / "lr", out / "bicubic")
     _vae_reconstructions(out / "prior", test / "hr", out / "vae_recon")
 
-    print("[5/6] evaluation (PSNR/SSIM on Y; learned metrics need their weights, see README)")
+    print("[5/6] evaluation (PSNR/SSIM on Y; learned metrics need their weights, see docs/evaluation.md)")
     results = {}
     for name, folder in (("bicubic", "bicubic"), ("prior alone (before XPSR training)", "sr_before"),
                          ("XPSR (tiny, CPU)", "sr"), ("HR through the prior's VAE", "vae_recon")):

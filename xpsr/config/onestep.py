@@ -1,16 +1,16 @@
-"""Schema of one-step XPSR training (experimental, beyond the paper; README: One-step XPSR)."""
+"""Schema of one-step XPSR training (experimental, beyond the paper; docs/one-step.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from xpsr.config_rules import TIMESTEP, choice, doc
+from xpsr.config.rules import TIMESTEP, choice, doc
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 
 
 @dataclass
 class OneStepConfig:
-    """One-step XPSR (experimental, beyond the paper; README: One-step XPSR): a LoRA student distilled from a
+    """One-step XPSR (experimental, beyond the paper; docs/one-step.md): a LoRA student distilled from a
     trained multi-step XPSR teacher. ``enabled=false`` trains the multi-step model as before."""
 
     enabled: bool = doc(False, "train the one-step student instead of the multi-step model")

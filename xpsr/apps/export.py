@@ -12,14 +12,10 @@ from typing import Any
 import yaml
 
 from xpsr.config import ExportConfig, InferConfig
-from xpsr.errors import XPSRError
+from xpsr.models.hub import HubPushError, push_folder  # noqa: F401 - re-exported (export API)
 
 TRAIN_CONFIG_FILE = "xpsr_train_config.yaml"  # the stored training config, copied beside the weights
 TAGS = ["super-resolution", "image-super-resolution", "xpsr", "controlnet", "stable-diffusion", "diffusers"]
-
-
-class HubPushError(XPSRError):
-    """The folder is written but could not be uploaded; the message says how to upload it later."""
 
 
 @dataclasses.dataclass
@@ -204,19 +200,3 @@ def export_model(cfg: ExportConfig) -> Path:
     if cfg.push_to_hub:
         push_folder(out, cfg.push_to_hub)
     return out
-
-
-def push_folder(folder: str | Path, repo_id: str, token: str | None = None, private: bool | None = None,
-                commit_message: str | None = None) -> str:
-    """Create ``repo_id`` if needed and upload ``folder`` to it; a clear error without network or a token."""
-    from huggingface_hub import create_repo, upload_folder
-
-    try:
-        create_repo(repo_id, exist_ok=True, private=private, token=token)
-        info = upload_folder(repo_id=repo_id, folder_path=str(folder), token=token,
-                             commit_message=commit_message or "Upload XPSR model (xpsr export)")
-    except Exception as e:  # offline mode, no network, no token, no permission: all end the same way
-        raise HubPushError(
-            f"could not push {folder} to the Hub repo {repo_id!r} ({type(e).__name__}: {str(e).splitlines()[0]}). "
-            f"The folder is complete; upload it later with `hf upload {repo_id} {folder}`") from e
-    return str(info)

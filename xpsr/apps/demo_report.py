@@ -66,7 +66,7 @@ error {verb} from {noise_mse['before']:.4f} (the frozen prior alone) to {noise_m
 {summary['steps']} XPSR steps. The sampled images start from the noised LR latent (SDEdit, the demo's default),
 which already carries most of the picture, so their PSNR moves less: {psnr[BEFORE]:.2f} dB
 before, {psnr[AFTER]:.2f} dB after XPSR training (bicubic: {psnr[BICUBIC]:.2f} dB). It does <b>not</b> show the
-paper's quality, which needs Stable Diffusion and 300k GPU steps (README: Training).
+paper's quality, which needs Stable Diffusion and 300k GPU steps (docs/training.md).
 XPSR freezes the VAE and the base UNet; in the paper they are Stable
 Diffusion's. Here they are a stand-in made by this run{reused}: a VAE with 4x (SD: 8x) spatial compression
 trained {settings['vae_steps']} steps to reconstruct crops of the training photos, and the base UNet trained

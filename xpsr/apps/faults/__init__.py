@@ -7,8 +7,8 @@ in the rerun), rerun it to completion and check that the outputs equal the refer
 (SQLite by rows), no temporary files, no duplicate rows, an intact database; for training, checkpoints
 and final weights bit for bit. See ``campaign.py`` for the procedure and ``outputs.py`` for the checks.
 """
-from xpsr.faults.campaign import Settings, run_stage
-from xpsr.faults.report import run_campaign
-from xpsr.faults.stages import STAGES
+from xpsr.apps.faults.campaign import Settings, run_stage
+from xpsr.apps.faults.report import run_campaign
+from xpsr.apps.faults.stages import STAGES
 
 __all__ = ["STAGES", "Settings", "run_campaign", "run_stage"]

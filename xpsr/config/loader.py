@@ -1,6 +1,6 @@
 """Loading a config: defaults of a schema <- YAML files (with ``inherit``) <- ``key=value`` overrides, each
 source a layer that remembers the keys it sets, so that every failure -- syntax, unknown key, wrong type, a
-value against a field's rules (xpsr/config_rules.py) -- is a one-line ConfigError naming the key and the file
+value against a field's rules (xpsr/config/rules.py) -- is a one-line ConfigError naming the key and the file
 or override it came from.
 
 Hostile input is bounded: a config file is at most ``MAX_CONFIG_BYTES``, and a file or override value may
@@ -23,7 +23,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from xpsr.config_rules import check_config, describe_rules
+from xpsr.config.rules import check_config, describe_rules
 from xpsr.errors import XPSRError, one_line, shown
 
 T = TypeVar("T")

@@ -1,10 +1,10 @@
 """Config schemas of the tools around the pipeline -- `xpsr bench` and `xpsr tables` (re-exported by
-xpsr/config.py); the value rules next to each field are explained in xpsr/config_rules.py."""
+xpsr/config/schema.py); the value rules next to each field are explained in xpsr/config/rules.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from xpsr.config_rules import DEVICE, FUSION_MODES, METRICS, SEED, choice, doc
+from xpsr.config.rules import DEVICE, FUSION_MODES, METRICS, SEED, choice, doc
 
 
 @dataclass

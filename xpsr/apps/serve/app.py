@@ -1,4 +1,4 @@
-"""`xpsr serve`: the Gradio page over :class:`xpsr.serve.engine.Engine`.
+"""`xpsr serve`: the Gradio page over :class:`xpsr.apps.serve.engine.Engine`.
 
 Upload an image; its quality prompt comes from the offline heuristic and its content prompt from the
 configured captioner (both editable). Controls: steps, guidance, seed, colour fix, upscale, tiling. Shown:
@@ -18,9 +18,9 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
 
+from xpsr.apps.serve.engine import Controls, Engine, RequestError, check_upload  # noqa: E402
 from xpsr.config import ServeConfig  # noqa: E402
 from xpsr.errors import XPSRError  # noqa: E402
-from xpsr.serve.engine import Controls, Engine, RequestError, check_upload  # noqa: E402
 
 # System fonts only: the default theme would fetch its fonts from a CDN.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],

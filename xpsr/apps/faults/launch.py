@@ -125,7 +125,7 @@ class ForkServerLauncher:
 
     def __init__(self):
         self.ctx = mp.get_context("forkserver")
-        self.ctx.set_forkserver_preload(["xpsr.faults.launch", *STAGE_MODULES])
+        self.ctx.set_forkserver_preload(["xpsr.apps.faults.launch", *STAGE_MODULES])
         with _environ(stage_environment()):
             warm = self.ctx.Process(target=_nothing)
             warm.start()

@@ -7,8 +7,8 @@ from PIL import Image
 
 from xpsr.captions.cache import PromptCache, PromptRow
 from xpsr.config import DatasetConfig
-from xpsr.training.dataset import MissingPromptError, PairedPromptDataset, build_dataset
 from xpsr.data.images import file_hash, save_png_atomic
+from xpsr.training.dataset import MissingPromptError, PairedPromptDataset, build_dataset
 
 
 def _pairs(folder, n=4, hr_size=32, scale=4, seed=0, exact=False):

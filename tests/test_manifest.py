@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from xpsr.config import DatasetConfig
-from xpsr.training.dataset import PairDataError, PairedPromptDataset
 from xpsr.data.images import file_hash, save_png_atomic
 from xpsr.data.manifest import ManifestBusyError, ManifestError, ManifestWriter, read_manifest, read_manifest_lines
+from xpsr.training.dataset import PairDataError, PairedPromptDataset
 
 
 def _folder(folder, n=6, hashes=True):

@@ -10,8 +10,8 @@ from conftest import REPO, tiny_config
 from safetensors.torch import load_file
 
 from xpsr.config import DFCConfig, TrainConfig, load_config
-from xpsr.training.dataset import build_dataset
 from xpsr.models.build import build_xpsr, trainable_parameters
+from xpsr.training.dataset import build_dataset
 from xpsr.training.loop import NonFiniteLossError, run_training
 from xpsr.training.step import paper_latent_indices, training_step
 

@@ -105,8 +105,8 @@ def test_validation_samples_as_the_official_validation(demo, tmp_path, monkeypat
     from accelerate import Accelerator
 
     import xpsr.inference.pipeline as pipeline
-    from xpsr.training.dataset import build_dataset
     from xpsr.models.build import build_xpsr
+    from xpsr.training.dataset import build_dataset
     from xpsr.training.validation import run_validation, validation_infer_config
 
     cfg = load_config(TrainConfig, None, [f"output_dir={tmp_path}", f"data.pairs=[{demo.pairs[0]}]",

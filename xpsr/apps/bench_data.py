@@ -27,8 +27,8 @@ def _sources(folder: Path, n: int, size: int) -> Path:
 def run_data_bench(cfg: BenchConfig) -> dict:
     from xpsr.captions.run import run_captioning
     from xpsr.config import CaptionConfig
-    from xpsr.training.dataset import build_dataset
     from xpsr.data.pairs import prepare_pairs
+    from xpsr.training.dataset import build_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

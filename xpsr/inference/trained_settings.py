@@ -21,6 +21,7 @@ from typing import Any
 
 from xpsr.config import InferConfig, OneStepConfig
 from xpsr.models.checkpoint import STUDENT_SETTINGS, check_student_settings
+from xpsr.models.forward import unwrap
 
 # the sampler's LR latent when nothing says otherwise: a posterior sample, as the official XPSR test script
 MULTISTEP_LR_LATENT = "sample"
@@ -58,8 +59,7 @@ def mark_student(unet, ocfg: OneStepConfig) -> None:
 
 def settings_of(modules) -> TrainedSettings:
     """The trained-under settings of loaded weights (an ``XPSRModules`` or an ``XPSRPipeline``)."""
-    unet = getattr(modules.unet, "_orig_mod", modules.unet)  # torch.compile keeps the module inside
-    record = getattr(unet, STUDENT_SETTINGS, None)
+    record = getattr(unwrap(modules.unet), STUDENT_SETTINGS, None)  # inside DDP / torch.compile wrappers
     if record is None:
         return TrainedSettings(source="these weights")
     return _student(check_student_settings(record, f"unet.{STUDENT_SETTINGS}"), "these weights")

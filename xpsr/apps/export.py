@@ -164,10 +164,21 @@ def model_card(source: Source, cfg: ExportConfig, model_config) -> str:
     return "\n".join(lines)
 
 
+def onestep_card_section(student) -> str:
+    """The model card's words on a one-step student: how it runs (by default, with the recorded settings)."""
+    return ("\n## One-step student (experimental, beyond the XPSR paper)\n\nThe UNet has the student's LoRA merged "
+            f"in. It was trained to run in one step at t* = {student.onestep_timestep} from the LR latent's posterior "
+            f"{student.lr_latent} (`lr_latent={student.lr_latent}`). `unet/config.json` records both (its "
+            "`xpsr_onestep` entry), and `pipe(image)` and `xpsr infer weights=THIS_FOLDER` use them by default. The "
+            "multi-step sampler is refused on these weights (`multistep_on_student=true` overrides).\n")
+
+
 def export_model(cfg: ExportConfig) -> Path:
     """Write the diffusers folder for ``cfg.weights`` to ``cfg.output``; push it if ``cfg.push_to_hub``."""
     from xpsr.inference.diffusers_pipeline import XPSRPipeline
     from xpsr.inference.run import load_modules
+    from xpsr.inference.trained_settings import settings_of
+    from xpsr.onestep.lora import has_student, merge_lora
 
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
@@ -178,24 +189,19 @@ def export_model(cfg: ExportConfig) -> Path:
     weights = source.path if source.kind == "trained" else Path(cfg.weights)
     modules = load_modules(InferConfig(input="-", output_dir="-", model=cfg.model, weights=str(weights)))
     check_parts_fit(modules, cfg.model.base)
-    onestep_timestep = modules.onestep_timestep
-    if onestep_timestep is not None or cfg.merge_lora:
+    student = settings_of(modules)
+    if has_student(modules.unet) or cfg.merge_lora:
         if not cfg.merge_lora:
             raise ValueError(f"weights={cfg.weights} are a one-step student: pass merge_lora=true to fold its LoRA "
                              "into the UNet (its adapter in peft's layout is in the run's final/student_lora/)")
-        from xpsr.onestep.lora import merge_lora
-
         merge_lora(modules.unet)  # raises when the weights carry no student adapter
     pipe = XPSRPipeline.from_modules(modules)
-    pipe.save_pretrained(out)
+    pipe.save_pretrained(out)  # a student's settings go into unet/config.json (xpsr_onestep)
     if source.train_config is not None:
         (out / TRAIN_CONFIG_FILE).write_text(yaml.safe_dump(source.train_config, sort_keys=False))
     card = model_card(source, cfg, modules.config)
-    if onestep_timestep is not None:
-        card += (f"\n## One-step student (experimental, beyond the XPSR paper)\n\nThe UNet has the student's LoRA "
-                 f"merged in. Run it with one step: `pipe(image, mode=\"onestep\", onestep_timestep="
-                 f"{onestep_timestep})` or `xpsr infer ... weights=THIS_FOLDER mode=onestep "
-                 f"onestep_timestep={onestep_timestep}`.\n")
+    if student.is_student:
+        card += onestep_card_section(student)
     (out / "README.md").write_text(card)
     if cfg.push_to_hub:
         push_folder(out, cfg.push_to_hub)

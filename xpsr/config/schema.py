@@ -282,11 +282,14 @@ class InferConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     weights: str | None = doc(None, "our trained .safetensors, a run dir (final/), an exported folder, an "
                                     "official XPSR folder; null = the freshly built model (tiny smoke tests)")
-    mode: str = choice("multistep", ("multistep", "onestep"),
-                       "multistep: the XPSR sampler; onestep: one UNet + ControlNet call at onestep_timestep, no "
-                       "CFG (weights of a one-step run; docs/one-step.md)")
-    onestep_timestep: int | None = doc(None, "mode=onestep: the timestep t*; null = the one the run was trained "
+    mode: str | None = choice(None, ("multistep", "onestep"),
+                              "multistep: the XPSR sampler; onestep: one UNet + ControlNet call at onestep_timestep, "
+                              "no CFG (docs/one-step.md); null = as the weights were trained (onestep for a "
+                              "one-step student's run or export, else multistep)")
+    onestep_timestep: int | None = doc(None, "mode=onestep: the timestep t*; null = the one the weights were trained "
                                              "with (999 for weights that do not say)", min=0, max=999)
+    multistep_on_student: bool = doc(False, "allow mode=multistep on a one-step student's weights (its LoRA changes "
+                                            "every step of the sampler: experiments only)")
     scheduler: str = choice("ddpm", SCHEDULERS, "sampler (official test: DDPM)")
     num_inference_steps: int = doc(20, "denoising steps (official: 20)", min=1)
     guidance_scale: float = doc(4.5, "classifier-free guidance (official test config 4.5; paper 5.5)")
@@ -300,9 +303,11 @@ class InferConfig:
                              "initial latent. lr (official): the LR latent noised to the first timestep, then "
                              "noised again to added_noise_level, and every step is sampled; sdedit: the LR latent "
                              "noised once to added_noise_level and sampling starts there (fewer steps); noise")
-    lr_latent: str = choice("sample", ("sample", "mean"),
-                            "start_from=lr|sdedit: the LR latent is a sample of the VAE posterior drawn with the "
-                            "seeded generator (official: latent_dist.sample), or its mean")
+    lr_latent: str | None = choice(None, ("sample", "mean"),
+                                   "the LR latent: a sample of the VAE posterior drawn with the seeded generator "
+                                   "(official: latent_dist.sample), or its mean; null = sample for the multi-step "
+                                   "sampler, and for mode=onestep the one the weights were trained with (mean for "
+                                   "weights that do not say)")
     added_noise_level: int = doc(800, "start_from=lr: timestep of the second noising; start_from=sdedit: the "
                                       "timestep sampling starts at (the first scheduled one at or below it)",
                                 **TIMESTEP)

@@ -35,6 +35,7 @@ from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 
 from xpsr.config import InferConfig, ModelConfig, check_values, to_dict
+from xpsr.inference.image_inputs import to_uint8_images, to_uint8_rgb  # noqa: F401 - to_uint8_rgb re-exported
 from xpsr.inference.pipeline import super_resolve
 from xpsr.models.checkpoint import export_diffusers, load_exported_part
 from xpsr.models.controlnet import XPSRControlNet
@@ -100,43 +101,6 @@ def infer_config(**options: Any) -> InferConfig:
         raise ValueError(f"XPSRPipeline option {getattr(e, 'key', '')!r}: {str(e).splitlines()[0]}") from None
     check_values(cfg, "XPSRPipeline options")
     return cfg
-
-
-def to_uint8_rgb(image: Any) -> np.ndarray:
-    """One input image as RGB uint8 HWC: a file path (read as ``xpsr infer`` reads it), a PIL image, a uint8
-    HWC array (or float in [0, 1]), or a (3, H, W) tensor in [0, 1]."""
-    if isinstance(image, (str, Path)):
-        from xpsr.data.images import load_rgb
-
-        return load_rgb(image)[0]
-    if isinstance(image, Image.Image):
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")  # composited on white, as xpsr infer does with files
-            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        return np.array(image.convert("RGB"), dtype=np.uint8)
-    if isinstance(image, torch.Tensor):
-        if image.ndim != 3 or image.shape[0] not in (1, 3):
-            raise ValueError(f"a tensor image must be (C, H, W) with C = 1 or 3, got {tuple(image.shape)}")
-        image = image.detach().float().cpu().clamp(0, 1).expand(3, -1, -1).permute(1, 2, 0).numpy()
-    if isinstance(image, np.ndarray):
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=2)
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"an array image must be (H, W, 3), got {image.shape}")
-        if image.dtype != np.uint8:
-            image = np.round(np.clip(image.astype(np.float64), 0, 1) * 255).astype(np.uint8)
-        return np.ascontiguousarray(image)
-    raise TypeError(f"image must be a path, PIL image, numpy array or tensor, not {type(image).__name__}")
-
-
-def _as_list(image: Any) -> list:
-    if isinstance(image, (list, tuple)):
-        return list(image)
-    if isinstance(image, torch.Tensor) and image.ndim == 4:
-        return list(image)
-    if isinstance(image, np.ndarray) and image.ndim == 4:
-        return list(image)
-    return [image]
 
 
 def _per_image(value: Any, n: int, name: str) -> list:
@@ -242,8 +206,9 @@ class XPSRPipeline(DiffusionPipeline):
                  generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil",
                  return_dict: bool = True, callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",), **options):
-        """Super-resolve ``image`` (a path, PIL image, uint8 HWC array, (3, H, W) tensor in [0, 1], or a list /
-        4-D batch of them); ``xpsr infer`` gives the same bytes for the same inputs, options and seed.
+        """Super-resolve ``image`` (a path, PIL image, HWC array, (C, H, W) tensor, or a list / 4-D batch of them;
+        value ranges as diffusers': :mod:`xpsr.inference.image_inputs`); ``xpsr infer`` gives the same bytes for the
+        same inputs, options and seed.
 
         ``prompt`` is the content prompt (None: empty, as ``xpsr infer`` without a caption); ``quality_prompt``
         None: the offline heuristic captioner's sentence for the image. ``negative_prompt`` /
@@ -269,7 +234,7 @@ class XPSRPipeline(DiffusionPipeline):
             options["negative_quality_prompt"] = negative_quality_prompt
         cfg = infer_config(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, **options)
 
-        images = [to_uint8_rgb(x) for x in _as_list(image)]
+        images = to_uint8_images(image)  # ranges per input type: xpsr.inference.image_inputs
         prompts = _per_image(prompt, len(images), "prompt")
         qualities = _per_image(quality_prompt, len(images), "quality_prompt")
         generators = _per_image(generator, len(images), "generator")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -19,6 +20,7 @@ from xpsr.inference.tiling import (
     vae_tile_options,
 )
 from xpsr.models.build import vae_scale_factor
+from xpsr.inference.trained_settings import resolve_settings, settings_of
 from xpsr.models.forward import predict_noise
 from xpsr.models.text import encode_prompts
 
@@ -26,9 +28,16 @@ SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "unipc": UniPCMultis
               "dpmsolver++": DPMSolverMultistepScheduler}
 
 
-def make_scheduler(name: str, base_config):
+def make_scheduler(name: str, base_config, base_class: type | None = None):
+    """A fresh scheduler of kind ``name`` over ``base_config`` (a config of ``base_class``). A config of that kind
+    already (a scheduler swapped into ``XPSRPipeline``, e.g. DPM-Solver with ``algorithm_type="sde-dpmsolver++"``)
+    is taken with every setting it has; from another class (the base model's DDPM), ``dpmsolver++`` is that
+    algorithm."""
+    cls = SCHEDULERS[name]
+    if base_class is cls:
+        return cls.from_config(base_config)
     extra = {"algorithm_type": "dpmsolver++"} if name == "dpmsolver++" else {}
-    return SCHEDULERS[name].from_config(base_config, **extra)
+    return cls.from_config(base_config, **extra)
 
 
 def output_size(h: int, w: int, cfg: InferConfig, multiple: int = 8) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -58,7 +67,7 @@ def lr_latents(modules, lr_cond: torch.Tensor, cfg: InferConfig, generator: torc
     """Scaled latents of the condition image (the upscaled LR, [0, 1] -> [-1, 1]): a posterior sample
     (``lr_latent=sample``, official; the first draw from ``generator``) or the posterior mean."""
     mean, std = vae_posterior(modules.vae, lr_cond * 2 - 1, cfg.vae_tile, **vae_tile_options(cfg))
-    if cfg.lr_latent == "sample":
+    if (cfg.lr_latent or "sample") == "sample":  # None (not resolved against weights): the sampler's default
         mean = mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)
     return mean * modules.vae.config.scaling_factor
 
@@ -170,13 +179,14 @@ def prompt_embeddings(modules, content_prompt: str, quality_prompt: str, cfg: In
 def denoise(modules, lr_cond: torch.Tensor, c: torch.Tensor, q: torch.Tensor, cfg: InferConfig, device,
             generator: torch.Generator, on_step_end=None, progress=None) -> torch.Tensor:
     """The multi-step sampler: start latents, then every scheduled step with CFG; returns the final latents."""
-    scheduler = make_scheduler(cfg.scheduler, modules.scheduler.config)
+    scheduler = make_scheduler(cfg.scheduler, modules.scheduler.config, type(modules.scheduler))
     scheduler.set_timesteps(cfg.num_inference_steps, device=device)
     latents, timesteps = start_latents(modules, lr_cond, scheduler, scheduler.timesteps, cfg, generator, device)
     for i, t in enumerate(progress(timesteps) if progress else timesteps):
         model_in = scheduler.scale_model_input(latents, t)
         eps = guided_noise(modules, model_in, t, lr_cond, c, q, cfg)
-        step_kwargs = {"generator": generator} if cfg.scheduler == "ddpm" else {}
+        # the seeded generator for any step that draws noise (DDPM, SDE DPM-Solver, DDIM with eta > 0)
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
         if on_step_end is not None:
             latents = on_step_end(i, t, latents)
@@ -189,10 +199,10 @@ def onestep_latents(modules, lr_cond: torch.Tensor, c: torch.Tensor, q: torch.Te
     the multi-step path (docs/one-step.md)."""
     from xpsr.onestep.objective import predicted_x0
 
-    stored = getattr(modules, "onestep_timestep", None)  # XPSRPipeline passes itself as `modules`
-    t = cfg.onestep_timestep if cfg.onestep_timestep is not None else (stored if stored is not None else 999)
+    if cfg.onestep_timestep is None:
+        raise ValueError("onestep_latents needs a resolved config (xpsr.inference.trained_settings.resolve_settings)")
     z_lr = lr_latents(modules, lr_cond, cfg, generator)
-    timestep = torch.tensor(int(t), device=z_lr.device)
+    timestep = torch.tensor(int(cfg.onestep_timestep), device=z_lr.device)
     out = guided_noise(modules, z_lr, timestep, lr_cond, c, q, dataclasses.replace(cfg, guidance_scale=1.0))
     return predicted_x0(out, z_lr, timestep, modules.scheduler)
 
@@ -203,11 +213,13 @@ def super_resolve(modules, lr: np.ndarray, content_prompt: str, quality_prompt: 
                   on_step_end: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                   progress: Callable[[Iterable], Iterable] | None = None) -> np.ndarray:
     """RGB uint8 LR (h, w, 3) -> RGB uint8 SR (h*upscale, w*upscale, 3), by the multi-step sampler or
-    (``mode=onestep``) one call of a one-step student.
+    (``mode=onestep``) one call of a one-step student. ``cfg``'s mode, t* and LR latent left ``None`` are those
+    the weights were trained under (:mod:`xpsr.inference.trained_settings`), so every face runs them alike.
 
     Hooks for the diffusers face (``XPSRPipeline``), all optional: ``generator`` (a CPU generator) replaces
     the one seeded with ``cfg.seed``; ``on_step_end(i, t, latents)`` runs after each step and returns the
     latents to go on with; ``progress`` wraps the timesteps (a progress bar)."""
+    cfg = resolve_settings(cfg, settings_of(modules))
     generator = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
     (th, tw), _ = output_size(lr.shape[0], lr.shape[1], cfg)
     lr_cond = condition_image(lr, cfg, device, vae_scale_factor(modules.vae))

@@ -30,6 +30,7 @@ from xpsr.data.images import IMAGE_SUFFIXES, ImageError, file_hash, list_images,
 from xpsr.errors import DiskFullError, XPSRError, is_disk_full, shown
 from xpsr.inference.claims import FolderSession, release_claim, try_claim
 from xpsr.inference.pipeline import content_prompt_used, output_size, super_resolve
+from xpsr.inference.trained_settings import mark_student, resolve_settings, settings_of
 from xpsr.models.build import DTYPES, XPSRModules, build_xpsr, load_base
 
 
@@ -74,7 +75,7 @@ def load_modules(cfg: InferConfig) -> XPSRModules:
             attach_onestep(modules.unet, ocfg, stored.get("seed", 0))
             load_trained(weights, modules.unet, modules.controlnet)
             drop_adapter(modules.unet, FAKE)
-            modules.onestep_timestep = ocfg.timestep
+            mark_student(modules.unet, ocfg)  # t* and LR latent travel with the weights (trained_settings)
             return modules
         load_trained(weights, modules.unet, modules.controlnet)
         return modules
@@ -103,11 +104,10 @@ def load_modules(cfg: InferConfig) -> XPSRModules:
                        tokenizer=parts["tokenizer"], scheduler=parts["scheduler"], config=model_cfg)
 
 
-def check_mode(modules: XPSRModules, cfg: InferConfig) -> None:
-    """A one-step student's LoRA would silently change every step of the multi-step sampler: refuse that."""
-    if cfg.mode == "multistep" and modules.onestep_timestep is not None:
-        raise ValueError(f"weights={cfg.weights} are a one-step student (a run with onestep.enabled=true): "
-                         "pass mode=onestep, or use the teacher's weights for the multi-step sampler")
+def check_mode(modules: XPSRModules, cfg: InferConfig) -> InferConfig:
+    """``cfg`` with the mode, t* and LR latent the weights were trained under where it leaves them unset; the
+    multi-step sampler on a one-step student (its LoRA would change every step) is refused."""
+    return resolve_settings(cfg, dataclasses.replace(settings_of(modules), source=f"weights={cfg.weights}"))
 
 
 class PromptSource:
@@ -378,7 +378,7 @@ def run_inference(cfg: InferConfig) -> dict:
         run = Run(cfg, out, name, len(mine), len(mine) - len(todo) - len(clashes))
         run.errors += clashes
         modules = load_modules(cfg)
-        check_mode(modules, cfg)
+        cfg = check_mode(modules, cfg)
         for m in (modules.unet, modules.controlnet, modules.vae, modules.text_encoder):
             m.to(device).eval()
             if cfg.dtype != "fp32":

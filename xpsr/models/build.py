@@ -40,7 +40,8 @@ class MissingWeightsError(FileNotFoundError):
 
 @dataclass
 class XPSRModules:
-    """Everything the stages need; ``unet``/``controlnet`` carry the XPSR additions."""
+    """Everything the stages need; ``unet``/``controlnet`` carry the XPSR additions (a one-step student's
+    ``unet`` also the settings it was trained under: ``xpsr.models.checkpoint.STUDENT_SETTINGS``)."""
 
     unet: UNet2DConditionModel
     controlnet: XPSRControlNet
@@ -49,7 +50,6 @@ class XPSRModules:
     tokenizer: Any
     scheduler: DDPMScheduler
     config: ModelConfig
-    onestep_timestep: int | None = None  # set when the UNet carries a one-step student (xpsr.onestep)
 
 
 def vae_scale_factor(vae) -> int:

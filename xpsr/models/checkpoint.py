@@ -26,6 +26,24 @@ class CheckpointMismatchError(KeyError):
         return str(self.args[0])
 
 
+# A one-step student's UNet carries the settings it was trained under (mode, t*, LR latent) as this attribute, and
+# an exported unet/config.json as this entry, so every face that loads the weights runs them as trained
+# (xpsr.inference.trained_settings reads and checks it).
+STUDENT_SETTINGS = "xpsr_onestep"
+
+
+def check_student_settings(value: Any, where: str) -> dict[str, Any]:
+    """``value`` as a student record ``{"mode": "onestep", "timestep": 0..999, "lr_latent": "mean"|"sample"}``;
+    anything else raises, naming ``where`` and the entry."""
+    ok = (isinstance(value, dict) and set(value) == {"mode", "timestep", "lr_latent"} and value["mode"] == "onestep"
+          and isinstance(value["timestep"], int) and not isinstance(value["timestep"], bool)
+          and 0 <= value["timestep"] <= 999 and value["lr_latent"] in ("mean", "sample"))
+    if not ok:
+        raise CheckpointMismatchError(f"{where}: bad {STUDENT_SETTINGS!r} entry {value!r}; expected "
+                                      '{"mode": "onestep", "timestep": 0..999, "lr_latent": "mean" or "sample"}')
+    return dict(value)
+
+
 _INNER = (".transformer_blocks.", ".proj_in.", ".proj_out.", ".norm.")
 
 
@@ -168,6 +186,8 @@ def export_diffusers(output_dir: str | Path, unet: nn.Module, controlnet: nn.Mod
         folder.mkdir(parents=True, exist_ok=True)
         config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
         config.update({"_class_name": cls, "xpsr": model_config})
+        if getattr(model, STUDENT_SETTINGS, None):
+            config[STUDENT_SETTINGS] = dict(getattr(model, STUDENT_SETTINGS))
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
         _atomic_save(tensors, folder / "diffusion_pytorch_model.safetensors", {"format": "pt"})
@@ -193,6 +213,9 @@ def load_exported_part(folder: str | Path, part: str, dtype: torch.dtype | None 
         model_config = ModelConfig(**config.pop("xpsr"))
     except TypeError as e:
         raise CheckpointMismatchError(f"{config_file}: bad 'xpsr' section ({e})") from None
+    student = config.pop(STUDENT_SETTINGS, None)
+    if student is not None:
+        student = check_student_settings(student, str(config_file))
     if part == "unet":
         model = inject_unet(UNet2DConditionModel.from_config(config), model_config)
     elif part == "controlnet":
@@ -202,6 +225,8 @@ def load_exported_part(folder: str | Path, part: str, dtype: torch.dtype | None 
     with _open_safetensors(weights) as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
     load_strict(model, state, f"{folder}")
+    if student is not None:
+        setattr(model, STUDENT_SETTINGS, student)
     apply_gradient_checkpointing(model, model_config)
     if dtype is not None:
         model.to(dtype=dtype)

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 # InferConfig keys that decide the teacher's output (paths, device and prompt sources do not)
 _NOT_SAMPLER = ("input", "output_dir", "weights", "device", "cache", "caption_first", "caption_missing", "prompts",
-                "prompt", "quality_prompt", "model")
+                "prompt", "quality_prompt", "model", "multistep_on_student")
 
 
 def sampler_settings(infer_cfg) -> dict:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from xpsr.config import InferConfig, OneStepConfig, TrainConfig, load_config
+from xpsr.inference.trained_settings import TrainedSettings, mark_student, resolve_settings
 from xpsr.models.build import XPSRModules, build_xpsr
 from xpsr.models.dfc import dfc_loss
 from xpsr.models.forward import predict_noise, unwrap
@@ -46,7 +47,8 @@ class OneStepParts:
 
 def teacher_infer_config(ocfg: OneStepConfig) -> InferConfig:
     cfg = load_config(InferConfig, ocfg.teacher_infer_config, ["input=teacher", "output_dir=teacher"])
-    return dataclasses.replace(cfg, mode="multistep")
+    # the teacher is the multi-step model: unset settings resolve as for any multi-step weights
+    return resolve_settings(dataclasses.replace(cfg, mode="multistep"), TrainedSettings())
 
 
 def build_teacher(cfg: TrainConfig) -> XPSRModules:
@@ -99,7 +101,7 @@ def build_onestep(cfg: TrainConfig, modules: XPSRModules, out: Path, device) -> 
     if ocfg.controlnet == "train":
         teacher_controlnet = copy.deepcopy(modules.controlnet)
     attach_onestep(modules.unet, ocfg, cfg.seed)
-    modules.onestep_timestep = ocfg.timestep
+    mark_student(modules.unet, ocfg)  # saved weights and exports say how the student is run
     for m in (*frozen_parts, teacher_controlnet):
         m.requires_grad_(False)
     student = adapter_parameters(modules.unet, STUDENT)

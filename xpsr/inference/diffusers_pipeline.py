@@ -35,6 +35,7 @@ from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 
 from xpsr.config import InferConfig, ModelConfig, check_values, to_dict
+from xpsr.inference.limits import checked
 from xpsr.inference.pipeline import super_resolve
 from xpsr.models.checkpoint import export_diffusers, load_exported_part
 from xpsr.models.controlnet import XPSRControlNet
@@ -269,7 +270,7 @@ class XPSRPipeline(DiffusionPipeline):
             options["negative_quality_prompt"] = negative_quality_prompt
         cfg = infer_config(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, **options)
 
-        images = [to_uint8_rgb(x) for x in _as_list(image)]
+        images = [checked(to_uint8_rgb(x), x, cfg) for x in _as_list(image)]  # the size limits of every face
         prompts = _per_image(prompt, len(images), "prompt")
         qualities = _per_image(quality_prompt, len(images), "quality_prompt")
         generators = _per_image(generator, len(images), "generator")

@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 
 from xpsr.config import CaptionConfig, InferConfig, ServeConfig, load_config
+from xpsr.config_rules import SEED
 from xpsr.data.images import ImageError, load_rgb, save_png_atomic
 from xpsr.errors import XPSRError
-from xpsr.config_rules import SEED
 from xpsr.inference.limits import check_size
 from xpsr.inference.pipeline import output_size, super_resolve
 from xpsr.models.build import DTYPES

@@ -270,7 +270,7 @@ def recorded_folder(summary_file: Path, settings: dict, key: str) -> tuple[Path 
                   Path(typed), here / typed]
     for candidate in candidates:
         if candidate and Path(candidate).is_dir():
-            return Path(candidate), ""
+            return Path(os.path.normpath(candidate)), ""
     return None, f"the {key} folder that {shown(summary_file)} names ({shown(typed)}) is not there"
 
 

@@ -21,7 +21,8 @@ def test_a_recipe_finds_its_teacher_config_from_another_directory(tmp_path, monk
     cfg = load_config(TrainConfig, RECIPE, ["output_dir=run"])
     assert cfg.onestep.teacher_infer_config == str(REPO / "configs" / "infer" / "onestep_tiny_teacher.yaml")
     # on the command line a path is the user's: from the working directory, else the package's configs
-    cfg = load_config(InferConfig, None, ["input=a", "output_dir=b", "caption_first=[configs/caption/empty_content.yaml]"])
+    cfg = load_config(InferConfig, None, ["input=a", "output_dir=b",
+                                          "caption_first=[configs/caption/empty_content.yaml]"])
     assert cfg.caption_first == [str(REPO / "configs" / "caption" / "empty_content.yaml")]
     (tmp_path / "mine.yaml").write_text("kind: quality\ncaptioner: heuristic\n")
     cfg = load_config(InferConfig, None, ["input=a", "output_dir=b", "caption_first=[mine.yaml]"])

@@ -109,22 +109,25 @@ def cmd_eval(cfg: EvalConfig) -> int:
 
 
 def cmd_tables(cfg: TablesConfig) -> int:
-    from xpsr.metrics.tables import compare_table, pd_scatter
+    from xpsr.metrics.tables import NoPlotData, compare_table, pd_scatter
 
     if not cfg.runs:
         print("xpsr tables: give runs.LABEL=EVAL_DIR for each run", file=sys.stderr)
-        return 2
+        return 1  # a config problem: exit 1 as every other one (README: Command line)
     dataset = cfg.dataset if cfg.compare == "paper" else None
     if cfg.compare == "paper" and not dataset:
         print("xpsr tables: compare=paper needs dataset=DIV2K-Val|RealSR|DRealSR", file=sys.stderr)
-        return 2
+        return 1
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = compare_table(dict(cfg.runs), list(cfg.metrics), dataset)
     (out / "table.md").write_text(table)
-    pd_scatter(dict(cfg.runs), out / "pd_scatter.png", cfg.distortion, cfg.perception)
     print(table)
-    written = [out / "table.md", out / "pd_scatter.png"]
+    written = [out / "table.md"]
+    try:
+        written.append(pd_scatter(dict(cfg.runs), out / "pd_scatter.png", cfg.distortion, cfg.perception))
+    except NoPlotData as e:  # an empty plot would look like a result
+        print(f"tables: no perception-distortion plot ({e})")
     if cfg.visual_images > 0:
         from xpsr.metrics.visual import NoVisualData, visual_comparison
 
@@ -175,7 +178,7 @@ def cmd_caption_import(cfg: CaptionImportConfig) -> int:
 
     if not (cfg.jsonl or cfg.official_lr):
         print("xpsr caption-import: give jsonl=FILE or official_lr=DIR", file=sys.stderr)
-        return 2
+        return 1
     with PromptCache(cfg.cache) as cache:
         n = cache.import_jsonl(cfg.jsonl) if cfg.jsonl else 0
         n += cache.import_official(cfg.official_lr) if cfg.official_lr else 0
@@ -242,7 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"xpsr {args.command}: {e}", file=sys.stderr)
         return 1
     from xpsr.errors import XPSRError
+    from xpsr.quiet_imports import hide_bitsandbytes, needs_bitsandbytes
 
+    if not needs_bitsandbytes(args.command, cfg):
+        hide_bitsandbytes()  # keeps its offline kernel-download warning out of commands that never use it
     try:
         return fn(cfg)
     except (XPSRError, FileNotFoundError, ValueError, KeyError) as e:  # problems with inputs, not bugs

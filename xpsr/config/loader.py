@@ -46,6 +46,7 @@ class Layer:
     label: str
     node: DictConfig
     keys: set[str] = field(default_factory=set)
+    origin: Path | None = None  # the YAML file, whose folder paths to other configs in it are relative to
 
 
 def _dotted_keys(node: Any, prefix: str = "") -> set[str]:
@@ -141,7 +142,7 @@ def yaml_layers(path: Path, seen: tuple[str, ...] = ()) -> list[Layer]:
         if not os.path.lexists(target):
             raise ConfigError(f"{shown(path)}: key 'inherit' names {shown(target)}, which does not exist")
         layers = yaml_layers(target, seen + (os.path.realpath(path),))
-    return layers + [Layer(shown(path), node, _dotted_keys(node))]
+    return layers + [Layer(shown(path), node, _dotted_keys(node), Path(path))]
 
 
 def override_layer(text: str) -> Layer:
@@ -241,7 +242,67 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
         key = str(getattr(e, "full_key", None) or getattr(e, "key", None))
         raise ConfigError(f"{source_of(key, layers, 'defaults')}: key '{key}': {first_line(e)}") from None
     check_values(obj, "defaults", layers)
+    resolve_config_refs(obj, layers)
     return obj  # type: ignore[return-value]
+
+
+# Keys whose value is the path of another config file, and the schema (configs/ folder) it is read with.
+CONFIG_REFS = {"onestep.teacher_infer_config": "infer", "validation.infer_config": "infer",
+               "caption_first": "caption", "content_captioner": "caption"}
+PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _ref_candidates(value: str, layer: Layer | None) -> list[Path]:
+    """Where a config path may be, in order. Written in a YAML file: relative to that file, then to the checkout
+    holding its ``configs/`` folder (``configs/infer/x.yaml`` as the shipped recipes write it), then to the
+    package's configs. On the command line: relative to the working directory, then to the package's configs."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return [path]
+    inside = Path(*path.parts[1:]) if path.parts[:1] == ("configs",) and len(path.parts) > 1 else None
+    found = []
+    if layer is not None and layer.origin is not None:
+        found.append(layer.origin.parent / path)
+        roots = [p for p in layer.origin.resolve().parents if p.name == "configs"]
+        if roots and inside is not None:
+            found.append(roots[0] / inside)
+    else:
+        found.append(path)
+    if inside is not None:
+        found.append(PACKAGE_CONFIGS / inside)
+    return found
+
+
+def _resolve_ref(key: str, value: str, layers: list[Layer]) -> str:
+    setter = next((la for la in reversed(layers) if any(k == key or k.startswith(key + "[") for k in la.keys)),
+                  None)
+    candidates = _ref_candidates(value, setter)
+    for candidate in candidates:
+        if candidate.is_file():
+            return str(candidate.absolute())
+    looked = ", ".join(shown(c) for c in dict.fromkeys(candidates))
+    raise ConfigError(f"{setter.label if setter else 'defaults'}: key '{key}' = {short(value)} names a config file "
+                      f"that does not exist (looked for {looked})")
+
+
+def resolve_config_refs(obj: Any, layers: list[Layer]) -> None:
+    """Replace each path to another config file (CONFIG_REFS) by the absolute path of the file it names and load
+    that file with its schema, so a missing or broken referenced config fails now, before any work starts, and
+    the run's saved config names the file wherever it is reread from."""
+    from xpsr.config import SCHEMAS  # config.py imports this module
+
+    for key, kind in CONFIG_REFS.items():
+        holder, *path = [obj, *key.split(".")]
+        for name in path[:-1]:
+            holder = getattr(holder, name, None)
+        value = getattr(holder, path[-1], None) if holder is not None else None
+        if not value:
+            continue
+        values = [value] if isinstance(value, str) else list(value)
+        resolved = [_resolve_ref(key, str(v), layers) for v in values]
+        for file in resolved:
+            load_config(SCHEMAS[kind], file, allow_missing=True)
+        setattr(holder, path[-1], resolved[0] if isinstance(value, str) else resolved)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -403,6 +403,12 @@ class ServeConfig:
     device: str = doc("auto", "'auto' (cuda if available), 'cpu', 'cuda'", device=DEVICE)
     dtype: str = choice("fp32", ("fp32", "fp16", "bf16"), "weights and compute dtype")
     scheduler: str = choice("ddpm", SCHEDULERS, "sampler (official test: DDPM)")
+    mode: str | None = choice(None, ("multistep", "onestep"), "as `xpsr infer mode=`; null = what the weights were "
+                              "trained for (onestep for a one-step student, else multistep)")
+    onestep_timestep: int | None = doc(None, "mode=onestep: the timestep t*; null = the one the weights were "
+                                             "trained with (999 for weights that do not say)", min=0, max=999)
+    lr_latent: str | None = choice(None, ("sample", "mean"), "LR latent (posterior sample or mean), as `xpsr infer "
+                                   "lr_latent=`; null = the one the weights were trained with (else sample)")
     num_inference_steps: int = doc(20, "default of the steps control", min=1)
     guidance_scale: float = doc(4.5, "default of the guidance control")
     seed: int = doc(0, "default of the seed control", **SEED)
@@ -418,6 +424,9 @@ class ServeConfig:
     max_output_pixels: int = doc(4096 * 4096, "uploads whose output (input x upscale) has more pixels are refused "
                                               "with a message (checked from the file header, before decoding)",
                                   min=1)
+    max_process_pixels: int = doc(4096 * 4096, "as `xpsr infer max_process_pixels=`: uploads whose processing size "
+                                               "(the output with its short side raised to process_size) has more "
+                                               "pixels are refused; 0 = no limit", min=0)
     max_file_mb: int = doc(50, "largest upload in MB (Gradio refuses bigger files)", min=1)
     content_captioner: str | None = doc(None, "caption config (kind=content) that fills the content prompt, e.g. "
                                               "configs/caption/llava_content.yaml, loaded once on first use; "

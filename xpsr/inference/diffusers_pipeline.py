@@ -36,6 +36,7 @@ from PIL import Image
 
 from xpsr.config import InferConfig, ModelConfig, check_values, to_dict
 from xpsr.inference.image_inputs import to_uint8_images, to_uint8_rgb  # noqa: F401 - to_uint8_rgb re-exported
+from xpsr.inference.limits import checked
 from xpsr.inference.pipeline import super_resolve
 from xpsr.models.checkpoint import export_diffusers, load_exported_part
 from xpsr.models.controlnet import XPSRControlNet
@@ -235,6 +236,8 @@ class XPSRPipeline(DiffusionPipeline):
         cfg = infer_config(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, **options)
 
         images = to_uint8_images(image)  # ranges per input type: xpsr.inference.image_inputs
+        sources = image if isinstance(image, (list, tuple)) and len(image) == len(images) else [image] * len(images)
+        images = [checked(a, s, cfg) for a, s in zip(images, sources)]  # the size limits of every face
         prompts = _per_image(prompt, len(images), "prompt")
         qualities = _per_image(quality_prompt, len(images), "quality_prompt")
         generators = _per_image(generator, len(images), "generator")

@@ -19,8 +19,8 @@ from xpsr.inference.tiling import (
     vae_posterior,
     vae_tile_options,
 )
-from xpsr.models.build import vae_scale_factor
 from xpsr.inference.trained_settings import resolve_settings, settings_of
+from xpsr.models.build import vae_scale_factor
 from xpsr.models.forward import predict_noise
 from xpsr.models.text import encode_prompts
 

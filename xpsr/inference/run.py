@@ -29,13 +29,10 @@ from xpsr.config import InferConfig, ModelConfig, OneStepConfig
 from xpsr.data.images import IMAGE_SUFFIXES, ImageError, file_hash, list_images, load_rgb, save_png_atomic
 from xpsr.errors import DiskFullError, XPSRError, is_disk_full, shown
 from xpsr.inference.claims import FolderSession, release_claim, try_claim
-from xpsr.inference.pipeline import content_prompt_used, output_size, super_resolve
+from xpsr.inference.limits import SizeRefused, check_size, header_check  # noqa: F401 - shared by every face
+from xpsr.inference.pipeline import content_prompt_used, super_resolve
 from xpsr.inference.trained_settings import mark_student, resolve_settings, settings_of
 from xpsr.models.build import DTYPES, XPSRModules, build_xpsr, load_base
-
-
-class SizeRefused(XPSRError):
-    """An input over ``max_output_pixels`` / ``max_process_pixels``; the message names the limit and its key."""
 
 
 class MissingPrompt(XPSRError):
@@ -184,33 +181,6 @@ def caption_inputs(cfg: InferConfig) -> InferConfig:
             torch.cuda.empty_cache()
     PartialState().wait_for_everyone()
     return dataclasses.replace(cfg, cache=cache, prompts="cache")
-
-
-def check_size(name: str, height: int, width: int, cfg: InferConfig) -> None:
-    """Refuse an input whose output or processing size is over the configured limits (before any allocation)."""
-    (th, tw), (ph, pw) = output_size(height, width, cfg)
-    if cfg.max_output_pixels and th * tw > cfg.max_output_pixels:
-        raise SizeRefused(f"{name}: {width}x{height} px at x{cfg.upscale} gives a {tw}x{th} output ({th * tw:,} px), "
-                          f"above max_output_pixels={cfg.max_output_pixels:,}; lower upscale, split the image, or "
-                          "raise max_output_pixels (memory grows with it)")
-    if cfg.max_process_pixels and ph * pw > cfg.max_process_pixels:
-        raise SizeRefused(f"{name}: {width}x{height} px would be processed at {pw}x{ph} px ({ph * pw:,} px, its short "
-                          f"side raised to process_size={cfg.process_size}), above max_process_pixels="
-                          f"{cfg.max_process_pixels:,}; crop or pad the image, or raise max_process_pixels")
-
-
-def header_check(path: Path, cfg: InferConfig) -> None:
-    """The size limits from the file header alone, so a huge image is refused before it is decoded (an
-    unreadable header is left to :func:`load_rgb`, which names the problem)."""
-    try:
-        with Image.open(path) as im:
-            width, height = im.size
-    except Image.DecompressionBombError as e:
-        raise SizeRefused(f"{shown(path)}: refused before decoding, over Pillow's decompression-bomb limit "
-                          f"({e})") from e
-    except (OSError, SyntaxError, ValueError):
-        return
-    check_size(shown(path), height, width, cfg)  # EXIF rotation swaps the sides: pixel counts are the same
 
 
 def plan_outputs(inputs: list[Path], root: Path, out: Path) -> tuple[dict[Path, Path], list[dict]]:

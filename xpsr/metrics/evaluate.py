@@ -234,6 +234,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         writer.writerows(rows)
     summary_doc = {**summary, "settings": {**settings, "images": len(pairs), "sr": shown(sr_dir),
                                            "hr": shown(hr_dir) if hr_dir else None,
+                                           **folder_records(out, sr=sr_dir, hr=hr_dir),
                                            "pairs_named_differently": len(renamed),
                                            "pairs_named_differently_first": renamed[:5],
                                            "variants": {m: VARIANTS[m] for m in cfg.metrics},
@@ -242,6 +243,35 @@ def evaluate(cfg: EvalConfig) -> dict:
     write_text_atomic(out / "table.md", markdown_table({cfg.label or sr_dir.name: summary}, cfg.metrics))
     print(markdown_table({cfg.label or sr_dir.name: summary}, cfg.metrics))
     return summary_doc
+
+
+def folder_records(out: Path, **folders: Path | None) -> dict[str, str]:
+    """``KEY_absolute`` and ``KEY_from_summary`` (relative to the folder of summary.json) for each folder, so
+    that `xpsr tables` finds it from any working directory, and after the tree is moved as a whole."""
+    records = {}
+    for key, folder in folders.items():
+        if folder is not None:
+            absolute = Path(os.path.abspath(folder))
+            records[f"{key}_absolute"] = shown(absolute)
+            records[f"{key}_from_summary"] = shown(Path(os.path.relpath(absolute, os.path.abspath(out))).as_posix())
+    return records
+
+
+def recorded_folder(summary_file: Path, settings: dict, key: str) -> tuple[Path | None, str]:
+    """The ``sr``/``hr`` folder a summary.json names, found from any working directory: its absolute path, then
+    the path relative to the summary, then the path as typed, from the working directory and from the
+    summary's folder (summaries written before the first two were recorded). (folder, '') or (None, why)."""
+    typed = settings.get(key)
+    if not typed:
+        return None, f"{shown(summary_file)} names no {key} folder"
+    here = summary_file.parent
+    candidates = [settings.get(f"{key}_absolute"),
+                  here / settings[f"{key}_from_summary"] if settings.get(f"{key}_from_summary") else None,
+                  Path(typed), here / typed]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_dir():
+            return Path(os.path.normpath(candidate)), ""
+    return None, f"the {key} folder that {shown(summary_file)} names ({shown(typed)}) is not there"
 
 
 def markdown_table(results: dict[str, dict[str, float]], metrics: list[str]) -> str:

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from xpsr.data.images import load_rgb
-from xpsr.metrics.evaluate import LOWER_BETTER
+from xpsr.metrics.evaluate import LOWER_BETTER, recorded_folder
 
 LABEL_H = 16
 
@@ -29,17 +29,19 @@ def _run_data(run: str | Path) -> tuple[Path, Path | None, dict[str, dict[str, s
     if not summary.is_file() or not table.is_file():
         raise NoVisualData(f"{run} has no summary.json/metrics.csv (an `xpsr eval` output folder is needed)")
     settings = json.loads(summary.read_text()).get("settings", {})
-    if not settings.get("sr") or not Path(settings["sr"]).is_dir():
-        raise NoVisualData(f"{summary}: the SR folder it names ({settings.get('sr')}) is not there")
+    sr, why = recorded_folder(summary, settings, "sr")
+    if sr is None:
+        raise NoVisualData(why)
+    hr = recorded_folder(summary, settings, "hr")[0] if settings.get("hr") else None
     with open(table, newline="") as f:
-        rows = {r["image"]: r for r in csv.DictReader(f)}
-    return Path(settings["sr"]), Path(settings["hr"]) if settings.get("hr") else None, rows
+        rows = {r["image"]: {k: v for k, v in r.items() if v not in (None, "")} for r in csv.DictReader(f)}
+    return sr, hr, rows
 
 
 def pick_images(per_run: dict[str, dict[str, dict[str, str]]], count: int, metric: str | None) -> list[str]:
     """``count`` images every run has: the largest spread of ``metric`` across runs first (else name order)."""
     common = sorted(set.intersection(*(set(rows) for rows in per_run.values())))
-    if metric and all(metric in next(iter(rows.values()), {}) for rows in per_run.values()):
+    if metric and all(metric in rows[name] for rows in per_run.values() for name in common):
         spread = {name: float(np.std([float(rows[name][metric]) for rows in per_run.values()])) for name in common}
         common.sort(key=lambda name: -spread[name])
     return common[:count]
@@ -67,7 +69,8 @@ def visual_comparison(runs: dict[str, str | Path], path: str | Path, count: int 
     per_run = {label: rows for label, (_, _, rows) in data.items()}
     names = pick_images(per_run, count, metric)
     if not names:
-        raise NoVisualData("the runs have no image in common")
+        counts = ", ".join(f"{label}: {len(rows)}" for label, rows in per_run.items())
+        raise NoVisualData(f"the runs' metrics.csv files have no image name in common (images per run: {counts})")
     hr_dir = next((hr for _, hr, _ in data.values() if hr is not None), None)
     columns = (["HR"] if hr_dir else []) + list(runs)
     cells: list[list[Image.Image]] = []

@@ -7,6 +7,7 @@ at a time (queue of concurrency 1), so two uploads never run the model at once.
 """
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import traceback
@@ -18,7 +19,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
 
-from xpsr.apps.serve.engine import Controls, Engine, RequestError, check_upload  # noqa: E402
+from xpsr.apps.serve.engine import Engine, RequestError, check_upload, parse_controls, size_limits  # noqa: E402
 from xpsr.config import ServeConfig  # noqa: E402
 from xpsr.errors import XPSRError  # noqa: E402
 
@@ -41,7 +42,11 @@ def _upload_path(payload) -> tuple[str, str]:
 
 
 def _readable(fn):
-    """Run ``fn``; any failure becomes a gr.Error whose message is shown in the page (never a traceback)."""
+    """Run ``fn``; any failure becomes a gr.Error whose message is shown in the page (never a traceback).
+
+    ``functools.wraps`` keeps ``fn``'s signature visible: Gradio names the API parameters after it (without it,
+    gradio_client users see param_0, param_1...)."""
+    @functools.wraps(fn)
     def wrapper(*args):
         try:
             return fn(*args)
@@ -62,6 +67,7 @@ def _info(result) -> str:
              f"during the request)"]
     if result.cuda_peak_mb is not None:
         lines.append(f"**Peak GPU memory** {result.cuda_peak_mb:,.0f} MB (torch.cuda.max_memory_allocated)")
+    lines.append(f"**Mode** {result.mode}")
     lines += [f"*{note}*" for note in result.notes]
     return "  \n".join(lines)
 
@@ -71,23 +77,26 @@ def build_app(engine: Engine) -> gr.Blocks:
     cfg = engine.cfg
 
     @_readable
-    def prefill(payload):
-        path, _ = _upload_path(payload)
-        lr, _ = check_upload(path, 1, cfg.max_output_pixels)
+    def prefill(image):
+        path, name = _upload_path(image)
+        lr, _ = check_upload(path, size_limits(cfg, 1), name)
         return engine.prompts(lr)
 
+    # parameter names are the API's (gradio_client: predict(image=..., steps=..., api_name="/super_resolve"))
     @_readable
-    def run(payload, content, quality, steps, guidance, seed, color_fix, upscale, tiled, tile_px):
-        path, name = _upload_path(payload)
-        controls = Controls(steps=int(steps), guidance=float(guidance), seed=int(seed or 0), color_fix=color_fix,
-                            upscale=int(upscale), tiled=bool(tiled), tile_px=int(tile_px))
-        result = engine.run(path, name, content or "", quality or "", controls)
+    def run(image, content_prompt, quality_prompt, steps, guidance, seed, color_fix, upscale, tiled, tile_px):
+        path, name = _upload_path(image)
+        controls = parse_controls(steps, guidance, seed, color_fix, upscale, tiled, tile_px)
+        result = engine.run(path, name, content_prompt or "", quality_prompt or "", controls)
         used = "\n".join(f"{k}: {v}" for k, v in result.prompts.items())
         return (result.before, result.sr), used, _info(result), str(result.png)
 
     with gr.Blocks(title="XPSR super-resolution", analytics_enabled=False) as app:
+        onestep = engine.settings.mode == "onestep"
         gr.Markdown(f"## XPSR super-resolution\nModel: `{cfg.weights or 'fresh ' + cfg.model.base}` on "
-                    f"{engine.device}. Outputs above {cfg.max_output_pixels:,} pixels are refused.")
+                    f"{engine.device}. Mode: {engine.settings.describe()}. Outputs above "
+                    f"{cfg.max_output_pixels:,} pixels (max_output_pixels) or processed above "
+                    f"{cfg.max_process_pixels:,} pixels (max_process_pixels) are refused.", elem_id="model_info")
         with gr.Row():
             with gr.Column():
                 image = gr.Image(label="Low-resolution image", type="filepath", sources=["upload", "clipboard"],
@@ -98,11 +107,13 @@ def build_app(engine: Engine) -> gr.Blocks:
                                      else "no captioner configured") + "; edit freely or leave empty)",
                                      lines=2, elem_id="content_prompt")
                 with gr.Accordion("Settings", open=True):
+                    unused = " (not used: one-step model)" if onestep else ""
                     steps = gr.Slider(1, max(100, cfg.num_inference_steps), value=cfg.num_inference_steps, step=1,
-                                      label="Steps")
+                                      label="Steps" + unused, interactive=not onestep)
                     guidance = gr.Slider(1.0, max(15.0, cfg.guidance_scale), value=cfg.guidance_scale, step=0.5,
-                                         label="Guidance")
-                    seed = gr.Number(value=cfg.seed, precision=0, label="Seed")
+                                         label="Guidance" + unused, interactive=not onestep)
+                    seed = gr.Number(value=cfg.seed, precision=0, minimum=0, maximum=2**32 - 1,
+                                     label="Seed (0 to 4294967295; the same seed gives the same image)")
                     color_fix = gr.Radio(["adain", "wavelet", "none"], value=cfg.color_fix, label="Colour fix")
                     upscale = gr.Slider(1, 8, value=cfg.upscale, step=1, label="Upscale")
                     tiled = gr.Checkbox(value=True, label=f"Tiled diffusion and VAE (always on above "
@@ -113,7 +124,7 @@ def build_app(engine: Engine) -> gr.Blocks:
             with gr.Column():
                 slider = gr.ImageSlider(label="Before (bicubic) | after (XPSR)", format="png", interactive=False,
                                         elem_id="result")
-                info = gr.Markdown(elem_id="run_info")
+                info = gr.Markdown(label="Run info", elem_id="run_info")  # the label names it in the API
                 used = gr.Textbox(label="Prompts used", lines=4, interactive=False, elem_id="prompts_used")
                 download = gr.File(label="Download PNG", interactive=False, elem_id="download")
         # one concurrency group of size 1 for both events: the captioner and the SR model never run at once

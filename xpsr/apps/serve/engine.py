@@ -12,6 +12,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import psutil
@@ -19,14 +20,124 @@ import torch
 from PIL import Image
 
 from xpsr.config import CaptionConfig, InferConfig, ServeConfig, load_config
+from xpsr.config.rules import SEED
 from xpsr.data.images import ImageError, load_rgb, save_png_atomic
 from xpsr.errors import XPSRError
+from xpsr.inference.limits import check_size
 from xpsr.inference.pipeline import output_size, super_resolve
 from xpsr.models.build import DTYPES
 
 
 class RequestError(XPSRError):
     """A problem with one upload or control value; its message is shown in the page as it is."""
+
+
+@dataclass
+class Settings:
+    """How the model is run, fixed at startup: what the weights were trained for unless the serve config says
+    otherwise (``source`` names where each value came from, for the page)."""
+
+    mode: str = "multistep"
+    onestep_timestep: int | None = None
+    lr_latent: str = "sample"
+    source: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def describe(self) -> str:
+        where = ", ".join(f"{k} from {v}" for k, v in self.source.items())
+        if self.mode == "onestep":
+            text = f"one-step (t*={self.onestep_timestep}, LR latent {self.lr_latent}; steps and guidance unused)"
+        else:
+            text = f"multi-step (LR latent {self.lr_latent})"
+        return text + (f" [{where}]" if where else "")
+
+
+def trained_settings(weights: str | None) -> dict:
+    """What a run, checkpoint or `xpsr export` folder was trained for: ``{"mode", "onestep_timestep",
+    "lr_latent"}`` for a one-step student, ``{"mode": "multistep"}`` for weights whose training config says
+    otherwise, ``{}`` when nothing says (the fresh model, official or bare exported folders).
+
+    Read with the run-config code of today; the shared reader of the inference layer replaces it at merge."""
+    from xpsr.config import OneStepConfig
+
+    if not weights:
+        return {}
+    path = Path(weights)
+    if path.is_dir() and (path / "final" / "trained.safetensors").is_file():
+        path = path / "final" / "trained.safetensors"
+    if path.is_file() and path.suffix == ".safetensors":
+        from xpsr.models.checkpoint import read_config
+
+        stored = read_config(path)
+    elif path.is_dir() and (path / "xpsr_train_config.yaml").is_file():  # export.TRAIN_CONFIG_FILE
+        import yaml
+
+        stored = yaml.safe_load((path / "xpsr_train_config.yaml").read_text()) or {}
+    else:
+        return {}
+    onestep = stored.get("onestep") or {}
+    if not onestep.get("enabled"):
+        return {"mode": "multistep"}
+    return {"mode": "onestep", "onestep_timestep": int(onestep.get("timestep", OneStepConfig.timestep)),
+            "lr_latent": onestep.get("lr_latent", OneStepConfig.lr_latent)}
+
+
+def resolve_settings(cfg: ServeConfig, trained: dict, student_timestep: int | None) -> Settings:
+    """The serve config's mode/onestep_timestep/lr_latent over what the weights were trained for; refuses the
+    combinations that give a wrong picture without an error (a student's LoRA under the multi-step sampler,
+    weights trained for that sampler run in one step). ``student_timestep``: set when the loaded UNet still
+    carries a student's LoRA (a run dir), which says one-step even when no training config is found."""
+    if student_timestep is not None and not trained:
+        trained = {"mode": "onestep", "onestep_timestep": student_timestep}
+    chosen, source = {}, {}
+    for key, fallback in (("mode", "multistep"), ("onestep_timestep", 999), ("lr_latent", "sample")):
+        value = getattr(cfg, key)
+        chosen[key], source[key] = (value, "the serve config") if value is not None else \
+            (trained[key], "the weights") if key in trained else (fallback, "the default")
+    if chosen["mode"] == "multistep" and trained.get("mode") == "onestep":
+        raise RequestError(f"weights={cfg.weights} are a one-step student (trained with onestep.enabled=true): "
+                           "mode=multistep would run every step of the multi-step sampler through its LoRA. Leave "
+                           "mode unset (the weights' mode) or serve the teacher's weights")
+    if chosen["mode"] == "onestep" and trained.get("mode") == "multistep":
+        raise RequestError(f"mode=onestep: weights={cfg.weights} were trained for the multi-step sampler (no "
+                           "onestep section in their training config); serve a one-step student, or leave mode "
+                           "unset")
+    if chosen["mode"] == "multistep":
+        chosen["onestep_timestep"] = None
+        source.pop("onestep_timestep")
+    source = {k: v for k, v in source.items() if v != "the default"}
+    return Settings(source=source, **chosen)
+
+
+def _whole(name: str, value, low: int, high: int) -> int:
+    """A control that must be a whole number in [low, high] (2.7 steps is refused, not truncated to 2)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise RequestError(f"{name} must be a whole number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise RequestError(f"{name} must be a whole number, got {value!r}") from None
+    if not number.is_integer():
+        raise RequestError(f"{name} must be a whole number, got {value!r}")
+    if not low <= number <= high:
+        raise RequestError(f"{name} must be between {low} and {high:,}, got {value!r}")
+    return int(number)
+
+
+def parse_controls(steps, guidance, seed, color_fix, upscale, tiled, tile_px) -> Controls:
+    """The controls of one request as the page or an API client sent them, checked: whole numbers stay whole
+    (no silent truncation), the seed within what every RNG here takes ([0, 2**32 - 1]; -1 is not "random":
+    the same seed must give the same bytes, so a random seed would have to be reported, and it is refused)."""
+    try:
+        guidance = float(guidance)
+    except (TypeError, ValueError):
+        raise RequestError(f"guidance must be a number, got {guidance!r}") from None
+    if not (1.0 <= guidance <= 30.0):
+        raise RequestError(f"guidance must be between 1 and 30, got {guidance!r}")
+    if not isinstance(tiled, bool):
+        raise RequestError(f"tiled must be true or false, got {tiled!r}")
+    return Controls(steps=_whole("steps", steps, 1, 1000), guidance=guidance,
+                    seed=_whole("seed", seed, SEED["min"], SEED["max"]), color_fix=color_fix,
+                    upscale=_whole("upscale", upscale, 1, 8), tiled=tiled, tile_px=_whole("tile_px", tile_px, 64, 8192))
 
 
 @dataclass
@@ -52,10 +163,14 @@ class Result:
     peak_rss_mb: float        # process RSS, highest of samples every 10 ms during the request
     cuda_peak_mb: float | None
     notes: list[str]
+    mode: str = ""            # how the model ran (Settings.describe)
 
 
-def infer_config(cfg: ServeConfig, controls: Controls, height: int, width: int) -> tuple[InferConfig, list[str]]:
-    """The InferConfig of one request (controls over the serve defaults) and notes on what was changed."""
+def infer_config(cfg: ServeConfig, controls: Controls, height: int, width: int,
+                 settings: Settings | None = None) -> tuple[InferConfig, list[str]]:
+    """The InferConfig of one request (controls over the serve defaults, the model's ``settings``) and notes on
+    what was changed."""
+    settings = settings or resolve_settings(cfg, {}, None)
     if not 1 <= int(controls.upscale) <= 8:
         raise RequestError(f"upscale must be between 1 and 8, got {controls.upscale}")
     if not 1 <= int(controls.steps) <= 1000:
@@ -68,7 +183,9 @@ def infer_config(cfg: ServeConfig, controls: Controls, height: int, width: int) 
         scheduler=cfg.scheduler, num_inference_steps=int(controls.steps), guidance_scale=float(controls.guidance),
         color_fix=controls.color_fix, seed=int(controls.seed), upscale=int(controls.upscale),
         process_size=cfg.process_size, dtype=cfg.dtype, device=cfg.device, prompts="fixed",
-        latent_tile=tile, latent_overlap=min(cfg.latent_overlap, tile // 2), vae_tile=cfg.vae_tile)
+        latent_tile=tile, latent_overlap=min(cfg.latent_overlap, tile // 2), vae_tile=cfg.vae_tile,
+        mode=settings.mode, onestep_timestep=settings.onestep_timestep, lr_latent=settings.lr_latent,
+        max_output_pixels=cfg.max_output_pixels, max_process_pixels=cfg.max_process_pixels)
     notes = []
     _, (ph, pw) = output_size(height, width, icfg)
     if not controls.tiled:
@@ -80,12 +197,26 @@ def infer_config(cfg: ServeConfig, controls: Controls, height: int, width: int) 
     return icfg, notes
 
 
-def check_upload(path: str | Path, upscale: int, max_output_pixels: int) -> tuple[np.ndarray, list[str]]:
+class SizeLimits(NamedTuple):
+    """What :func:`xpsr.inference.limits.check_size` reads: the limits of `xpsr infer`, for one request."""
+
+    upscale: int
+    process_size: int
+    max_output_pixels: int
+    max_process_pixels: int
+
+
+def size_limits(cfg: ServeConfig, upscale: int) -> SizeLimits:
+    return SizeLimits(upscale, cfg.process_size, cfg.max_output_pixels, cfg.max_process_pixels)
+
+
+def check_upload(path: str | Path, limits: SizeLimits, name: str | None = None) -> tuple[np.ndarray, list[str]]:
     """Decode an upload as RGB uint8, refusing empty, unreadable and too large files with a readable message.
 
-    The size limit is checked from the header, so a huge image is refused before it is decoded."""
+    The size limits (the same check and message as `xpsr infer` and ``XPSRPipeline``) are checked from the
+    header, so a huge image is refused before it is decoded."""
     path = Path(path)
-    name = path.name
+    name = name or path.name
     if not path.is_file() or path.stat().st_size == 0:
         raise RequestError(f"{name}: the file is empty")
     try:
@@ -93,14 +224,10 @@ def check_upload(path: str | Path, upscale: int, max_output_pixels: int) -> tupl
             width, height = im.size
     except Image.DecompressionBombError:
         raise RequestError(f"{name}: the image is far too large (limit: output of at most "
-                           f"{max_output_pixels:,} pixels)") from None
+                           f"{limits.max_output_pixels:,} pixels)") from None
     except (OSError, SyntaxError, ValueError):
         raise RequestError(f"{name}: not an image this app can read (PNG, JPEG, WebP, BMP or TIFF)") from None
-    out_pixels = width * height * upscale * upscale
-    if out_pixels > max_output_pixels:
-        raise RequestError(f"{name}: {width}x{height} at x{upscale} would give {out_pixels:,} output pixels; "
-                           f"the limit is {max_output_pixels:,} (max_output_pixels). Upload a smaller image "
-                           f"or lower the upscale factor.")
+    check_size(name, height, width, limits)
     try:
         return load_rgb(path)
     except ImageError as e:
@@ -152,6 +279,8 @@ class Engine:
         self.device = torch.device("cuda" if want_cuda else cfg.device if cfg.device != "auto" else "cpu")
         self.modules = load_modules(InferConfig(input="<upload>", output_dir=str(output_dir), model=cfg.model,
                                                 weights=cfg.weights))
+        # what the weights were trained for travels with them: a one-step student is served in one step
+        self.settings = resolve_settings(cfg, trained_settings(cfg.weights), self.modules.onestep_timestep)
         for m in (self.modules.unet, self.modules.controlnet, self.modules.vae, self.modules.text_encoder):
             m.to(self.device).eval()
             if cfg.dtype != "fp32":
@@ -185,8 +314,8 @@ class Engine:
 
     def run(self, path: str | Path, name: str, content: str, quality: str, controls: Controls) -> Result:
         """Super-resolve one upload; an empty quality prompt is filled by the heuristic."""
-        lr, notes = check_upload(path, int(controls.upscale), self.cfg.max_output_pixels)
-        icfg, tiling_notes = infer_config(self.cfg, controls, lr.shape[0], lr.shape[1])
+        lr, notes = check_upload(path, size_limits(self.cfg, controls.upscale), name)
+        icfg, tiling_notes = infer_config(self.cfg, controls, lr.shape[0], lr.shape[1], self.settings)
         if not quality.strip():
             from xpsr.captions.heuristic import describe, measure
 
@@ -207,4 +336,4 @@ class Engine:
         return Result(sr=sr, before=before, png=png, prompts=prompts, seconds=seconds,
                       peak_rss_mb=rss.peak / 2**20,
                       cuda_peak_mb=torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else None,
-                      notes=notes + tiling_notes)
+                      notes=notes + tiling_notes, mode=self.settings.describe())

@@ -13,7 +13,6 @@ from PIL.Image import DecompressionBombError  # not an OSError: caught per file 
 from tqdm import tqdm
 
 from xpsr.captions.cache import PromptCache, PromptRow
-from xpsr.captions.shards import list_shards, merge_shards, shard_path, shard_world
 from xpsr.captions.captioners import (
     PAPER_CONTENT_QUESTION,
     PAPER_QUALITY_QUESTION,
@@ -22,6 +21,7 @@ from xpsr.captions.captioners import (
     HeuristicCaptioner,
     MLLMCaptioner,
 )
+from xpsr.captions.shards import list_shards, merge_shards, shard_path, shard_world
 from xpsr.config import CaptionConfig
 from xpsr.data.images import ImageError, file_hash, list_images, load_rgb
 from xpsr.errors import shown
@@ -118,6 +118,8 @@ def run_captioning(cfg: CaptionConfig) -> dict:
     device = str(state.device) if cfg.device == "auto" else cfg.device
     images = list_images([cfg.images])[rank::world]  # disjoint shares: no two processes caption one image
     captioner = make_captioner(cfg, device)
+    if world == 1:  # shards a crashed multi-process run of this kind left: their images are done
+        merge_shards(cfg.cache, kind=cfg.kind)
     shard = _prepare_shard(cfg, state) if world > 1 else None
     skipped: list[str] = []
     todo = _todo(images, _done_hashes(cfg, captioner), skipped)

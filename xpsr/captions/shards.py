@@ -125,10 +125,10 @@ def merge_shards(cache: str | Path, shards: list[Path] | None = None, kind: str 
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS} or null, got {kind!r}")
     result = MergeResult()
+    if not [s for s in (list_shards(cache, kind) if shards is None else shards) if s.is_file()]:
+        return result  # nothing to do: no lock taken, nothing created
     with MergeLock(cache, timeout_s):
         todo = [s for s in (list_shards(cache, kind) if shards is None else shards) if s.is_file()]
-        if not todo:
-            return result
         with PromptCache(cache, journal="delete") as target:
             for shard in todo:
                 rows, problem = read_shard(shard)

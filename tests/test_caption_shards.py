@@ -165,13 +165,13 @@ def test_two_nodes_caption_once_and_a_killed_rank_then_a_rerun_lose_and_duplicat
     assert 2 <= kept < 6, outs  # rank 1 (6 images) was stopped part-way; its committed rows are in its shard
     assert "caption [0/2]: 6 new quality prompts" in outs[0], outs[0]
 
-    nodes = _two_nodes(images, cache, "captioner=heuristic", "kind=quality")  # the rerun
+    # the rerun, and beside it a job of the other kind into the same cache (their merges take turns)
+    nodes = _two_nodes(images, cache, "captioner=heuristic", "kind=quality")
+    nodes += _two_nodes(images, cache, "captioner=fixed", "kind=content", "fixed_text=a photo")
     outs = [p.communicate(timeout=240)[0] for p in nodes]
-    assert [p.returncode for p in nodes] == [0, 0], outs
+    assert [p.returncode for p in nodes] == [0, 0, 0, 0], outs
     assert "caption [0/2]: 0 new" in outs[0] and f"caption [1/2]: {6 - kept} new" in outs[1], outs
-    nodes = _two_nodes(images, cache, "captioner=fixed", "kind=content", "fixed_text=a photo")
-    outs = [p.communicate(timeout=240)[0] for p in nodes]
-    assert [p.returncode for p in nodes] == [0, 0], outs
+    assert "caption [0/2]: 6 new content" in outs[2] and "caption [1/2]: 6 new content" in outs[3], outs
 
     assert list_shards(cache) == [] and not (shard_dir(cache) / ".merge.lock").exists()
     db = sqlite3.connect(cache)

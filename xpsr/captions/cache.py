@@ -1,4 +1,5 @@
-"""The prompt cache: one SQLite file (WAL) of captions, safe for several writer processes.
+"""The prompt cache: one SQLite file of captions, safe for several writer processes of one machine (WAL);
+processes on several machines write per-rank shards instead (:mod:`xpsr.captions.shards`).
 
 Key: (image content hash, kind, captioner id, question) -> text, plus model revision, which image was
 captioned (LR or HR), its path, and when. Every batch is written in one transaction: a kill at any

@@ -2,7 +2,8 @@
 """Caption images into the prompt cache (same keys as `xpsr caption --help`).
 
     python scripts/caption.py --config configs/caption/llava_content.yaml images=pairs/lr cache=prompts.sqlite
-    accelerate launch scripts/caption.py ...   # several GPUs/processes, disjoint shards, one cache file
+    torchrun --nproc_per_node 8 scripts/caption.py ...   # 8 processes (also --nnodes N): per-rank cache shards,
+                                                          # merged into the cache as each rank finishes
 """
 import sys
 

@@ -16,6 +16,7 @@ from xpsr.config import (
     CaptionConfig,
     CaptionExportConfig,
     CaptionImportConfig,
+    CaptionMergeConfig,
     CaptionRepairConfig,
     ConfigError,
     DemoConfig,
@@ -173,6 +174,17 @@ def cmd_caption_repair(cfg: CaptionRepairConfig) -> int:
     return 0
 
 
+def cmd_caption_merge(cfg: CaptionMergeConfig) -> int:
+    """Per-rank cache shards (multi-process `xpsr caption`) -> the cache; safe to repeat and to interrupt."""
+    from xpsr.captions.shards import merge_shards, shard_dir
+
+    r = merge_shards(cfg.cache, kind=cfg.kind, timeout_s=cfg.timeout_s)
+    print(f"caption-merge: {r.shards} shards from {shard_dir(cfg.cache)}, {r.rows} rows: {r.inserted} new, "
+          f"{r.replaced} replaced by newer, {r.rows - r.inserted - r.replaced} already there -> {cfg.cache}"
+          + "".join(f"\n  damaged shard, its readable rows merged, set aside as .damaged: {d}" for d in r.damaged))
+    return 0
+
+
 def cmd_caption_import(cfg: CaptionImportConfig) -> int:
     from xpsr.captions.cache import PromptCache
 
@@ -212,6 +224,8 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "caption-export": (CaptionExportConfig, cmd_caption_export, "prompt cache -> JSONL"),
     "caption-repair": (CaptionRepairConfig, cmd_caption_repair,
                        "damaged prompt cache -> its readable rows in a new cache or JSONL"),
+    "caption-merge": (CaptionMergeConfig, cmd_caption_merge,
+                      "per-rank cache shards of a multi-process `xpsr caption` -> the cache (idempotent)"),
     "caption-import": (CaptionImportConfig, cmd_caption_import, "JSONL or the official prompt folders -> cache"),
     "demo": (DemoConfig, cmd_demo, "pairs -> prompts -> train -> SR -> metrics -> report.html, tiny model, CPU"),
     "bench": (BenchConfig, cmd_bench, "time one training step (JSON on stdout)"),

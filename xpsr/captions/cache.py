@@ -1,4 +1,5 @@
-"""The prompt cache: one SQLite file (WAL) of captions, safe for several writer processes.
+"""The prompt cache: one SQLite file of captions, safe for several writer processes of one machine (WAL);
+processes on several machines write per-rank shards instead (:mod:`xpsr.captions.shards`).
 
 Key: (image content hash, kind, captioner id, question) -> text, plus model revision, which image was
 captioned (LR or HR), its path, and when. Every batch is written in one transaction: a kill at any
@@ -78,16 +79,24 @@ class PromptRow:
 class PromptCache:
     """Open (or create) the cache at ``path``. Use as a context manager or call :meth:`close`."""
 
-    def __init__(self, path: str | Path, timeout_s: float = 60.0, check: bool = True):
+    def __init__(self, path: str | Path, timeout_s: float = 60.0, check: bool = True, journal: str | None = None):
         """``check`` runs SQLite's ``quick_check`` (structure of every page, linear in the file size: ~0.1 s per
-        100k rows) so a damaged file is reported now, naming it, rather than at some later query."""
+        100k rows) so a damaged file is reported now, naming it, rather than at some later query.
+
+        ``journal``: None keeps the journal mode a cache already has and makes a new one WAL (many writer
+        processes of one machine); ``"delete"`` switches to SQLite's rollback journal, which `caption-merge` gives
+        the caches it writes and the per-rank shards use: a WAL file needs shared memory, so WAL caches cannot
+        be read from several machines, and readers never switch a cache's mode themselves."""
         self.path, self.timeout_s = Path(path), timeout_s
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = None
         with self._errors():
             self.db = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None)
             try:
-                self._switch_to_wal(timeout_s)
+                if journal == "delete":
+                    self.db.execute("PRAGMA journal_mode=DELETE")  # stays WAL if another process has it open
+                elif self.db.execute("PRAGMA page_count").fetchone()[0] == 0:
+                    self._switch_to_wal(timeout_s)
                 self.db.execute("PRAGMA synchronous=NORMAL")
                 self.db.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
                 if check:
@@ -151,6 +160,30 @@ class PromptCache:
                     self.db.execute("ROLLBACK")
                 raise
             return self.db.total_changes - before
+
+    def merge_many(self, rows: Iterable[PromptRow]) -> tuple[int, int]:
+        """Insert rows in one transaction; for an existing key the newer row (larger ``created``) wins.
+        Returns (rows inserted, rows replaced by a newer one)."""
+        values = [(r.image_hash, r.kind, r.captioner, r.question, r.text, r.model_revision, r.image_source,
+                   r.image_path, r.created) for r in rows if r.kind in KINDS]
+        with self._errors():
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                before_rows, before_changes = self.count(), self.db.total_changes
+                self.db.executemany(
+                    "INSERT INTO prompts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (image_hash, kind, captioner, question) DO UPDATE SET text=excluded.text, "
+                    "model_revision=excluded.model_revision, image_source=excluded.image_source, "
+                    "image_path=excluded.image_path, created=excluded.created WHERE excluded.created > created",
+                    values)
+                inserted = self.count() - before_rows
+                replaced = self.db.total_changes - before_changes - inserted
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+        return inserted, replaced
 
     def done_hashes(self, kind: str, captioner: str, question: str) -> set[str]:
         with self._errors():

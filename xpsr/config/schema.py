@@ -147,6 +147,13 @@ class CaptionRepairConfig:
 
 
 @dataclass
+class CaptionMergeConfig:
+    cache: str = doc("???", "the prompt cache whose per-rank shards (CACHE.shards/) are merged into it", nonempty=True)
+    kind: str | None = choice(None, (None, "content", "quality"), "merge the shards of one kind; null = all")
+    timeout_s: float = doc(600.0, "wait at most this long for a merge running elsewhere (its lock file)", min=0)
+
+
+@dataclass
 class CaptionImportConfig:
     cache: str = doc("???", "prompt cache file (created if missing)", nonempty=True)
     jsonl: str | None = doc(None, "JSONL written by caption-export")

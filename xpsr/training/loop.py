@@ -22,6 +22,8 @@ import torch
 from tqdm import tqdm
 
 from xpsr.config import TrainConfig, to_dict
+from xpsr.distributed.streams import POSITION, PositionedDataset, PositionedSampler, sample_generators
+from xpsr.distributed.world import describe_change, rescale_position
 from xpsr.errors import XPSRError
 from xpsr.models.build import DTYPES, XPSRModules, build_xpsr, trainable_parameters
 from xpsr.training.checkpointing import (
@@ -38,6 +40,7 @@ from xpsr.training.checkpointing import (
 from xpsr.training.determinism import deterministic_mode, seed_everything
 from xpsr.training.integrity import CheckpointWarning, disk_full_is_an_error, write_text_atomic
 from xpsr.training.step import training_step
+from xpsr.training.trainable import reachable_only
 
 
 class NonFiniteLossError(XPSRError, RuntimeError):
@@ -57,7 +60,7 @@ class Session:
     optimizer: Any
     lr_scheduler: Any
     ema: EMA | None
-    generator: torch.Generator  # noise, timesteps and VAE samples (its state is checkpointed)
+    generator: torch.Generator  # one-step training's noise (multi-step draws per sample: distributed.streams)
     state: TrainState = dataclasses.field(default_factory=TrainState)
     dataset: Any = None
     loader: Any = None
@@ -168,7 +171,9 @@ def build_session(cfg: TrainConfig, accelerator, out: Path) -> Session:
 
         onestep, trainable, groups = build_onestep(cfg, modules, out, device)
     else:
-        trainable = trainable_parameters(modules.unet, modules.controlnet)
+        # heads whose loss term the recipe switches off are frozen: DDP needs every trainable one to get a gradient
+        trainable = reachable_only(trainable_parameters(modules.unet, modules.controlnet), modules.controlnet,
+                                   cfg.dfc)
         groups = list(trainable.values())
     for p in trainable.values():
         p.data = p.data.float()  # master weights in fp32
@@ -184,6 +189,11 @@ def build_session(cfg: TrainConfig, accelerator, out: Path) -> Session:
                    ema=EMA(trainable, cfg.ema_decay) if cfg.use_ema else None,
                    generator=torch.Generator().manual_seed(cfg.seed * 1000 + accelerator.process_index),
                    onestep=onestep)
+
+
+def global_batch(cfg: TrainConfig, world: int) -> int:
+    """Samples per optimizer step over all processes."""
+    return cfg.batch_size * cfg.gradient_accumulation_steps * world
 
 
 def make_optimizer(cfg: TrainConfig, params: list) -> torch.optim.Optimizer:
@@ -212,7 +222,12 @@ def resume(s: Session) -> None:
         return
     s.state = load_checkpoint(ckpt, s.modules.unet, s.modules.controlnet, s.optimizer, s.lr_scheduler, s.generator,
                               s.ema)
+    world, saved = s.accelerator.num_processes, s.state
+    change = describe_change(saved.world, saved.global_batch, world, global_batch(s.cfg, world))
+    s.state = dataclasses.replace(saved, samples=rescale_position(saved.samples, saved.world, world, str(ckpt)))
     s.accelerator.print(f"resumed from {ckpt} at step {s.state.step}")
+    if change:
+        s.accelerator.print(change)
     warn_if_schedule_changes(s.cfg.lr_scheduler, s.state.max_steps, s.cfg.max_steps)
 
 
@@ -242,10 +257,12 @@ def make_data(s: Session) -> None:
 
     s.dataset, sampler = build_dataset(s.cfg.data, s.accelerator.process_index, s.accelerator.num_processes,
                                        start=s.state.samples)
+    # Each sample carries its global stream position, which seeds its noise and timestep (per-sample streams)
     # Its own generator: creating the iterator draws the workers' base seed from it instead of from the
     # global torch RNG, whose checkpointed state would otherwise differ between a straight and a resumed run.
     s.loader = torch.utils.data.DataLoader(
-        s.dataset, batch_size=s.cfg.batch_size, sampler=sampler, num_workers=s.cfg.num_workers,
+        PositionedDataset(s.dataset), batch_size=s.cfg.batch_size, sampler=PositionedSampler(sampler),
+        num_workers=s.cfg.num_workers,
         pin_memory=s.accelerator.device.type == "cuda",
         generator=torch.Generator().manual_seed(s.cfg.seed * 1000 + s.accelerator.process_index))
 
@@ -294,7 +311,8 @@ def micro_step(s: Session, batch: dict) -> tuple[dict[str, float], bool]:
 
             result = onestep_step(s.onestep, s.step_modules, batch, cfg.content_prompt, s.generator, s.weight_dtype)
         else:
-            result = training_step(s.step_modules, batch, cfg.dfc, cfg.content_prompt, s.generator, s.weight_dtype)
+            generators = sample_generators(cfg.seed, batch[POSITION].tolist())
+            result = training_step(s.step_modules, batch, cfg.dfc, cfg.content_prompt, generators, s.weight_dtype)
         for name, value in result.terms.items():
             if not torch.isfinite(value).all():
                 raise NonFiniteLossError(
@@ -330,7 +348,8 @@ def after_optimizer_step(s: Session, last: dict[str, float], end: int, start: fl
         return
     stopping_early = state.step == end < cfg.max_steps
     if stopping_early or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
-        state.max_steps = cfg.max_steps
+        state.max_steps, state.world = cfg.max_steps, s.accelerator.num_processes
+        state.global_batch = global_batch(cfg, state.world)
         save_checkpoint(s.out / "checkpoints" / f"step-{state.step}", s.modules.unet, s.modules.controlnet,
                         s.resolved, s.optimizer, s.lr_scheduler, state, s.generator, s.ema,
                         hashes=cfg.checkpoint_hashes)

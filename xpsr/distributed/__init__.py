@@ -1,0 +1,1 @@
+"""Helpers for training and running on several processes (accelerate over torch.distributed)."""

@@ -193,3 +193,25 @@ def test_each_position_of_the_data_stream_goes_to_exactly_one_rank(demo):
     # resuming rank r of W at `start` continues its own share
     resumed = list(itertools.islice(PositionedSampler(build_dataset(demo, 1, 2, start=4)[1]), 2))
     assert [k[2] for k in resumed] == [9, 11]
+
+
+def torchrun(nnodes: int, node_rank: int, port: int, nproc: int = 1) -> list[str]:
+    """The launch line of one node (docs/scaling-out.md), rendezvous on loopback."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--node_rank={node_rank}",
+            f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={port}",
+            str(REPO / "scripts" / "train.py")]
+
+
+def test_two_nodes_on_loopback_equal_one_node_with_two_processes(two_process_runs, demo, tmp_path):
+    """Two torchrun launches (--nnodes 2, node_rank 0|1, 1 CPU process each) train the reference recipe:
+    the same ranks, the same gloo all-reduce, so the final weights are bitwise those of 1 node x 2 processes."""
+    root, _ = two_process_runs
+    run, port = tmp_path / "two-nodes", free_port()
+    args = ["--config", str(REPO / "configs" / "train" / "tiny.yaml"),
+            *recipe_overrides("tiny.yaml", demo, run, *REFERENCE, "report_to=none", "validation.every=0")]
+    nodes = [subprocess.Popen(torchrun(2, rank, port) + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=env()) for rank in (0, 1)]
+    logs = [node.communicate(timeout=900)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    a, b = trained(run), trained(root / "reference")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,6 +1,7 @@
 """One XPSR training step, top to bottom: encode, noise, predict, noise loss + lambda * DFC."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -48,13 +49,14 @@ def training_step(modules, batch: dict, dfc: DFCConfig, content_prompt: str = "c
                   generator: torch.Generator | list[torch.Generator] | None = None,
                   weight_dtype: torch.dtype = torch.float32,
                   content_embeds: torch.Tensor | None = None,
-                  quality_embeds: torch.Tensor | None = None) -> StepOutput:
+                  quality_embeds: torch.Tensor | None = None, predict=None) -> StepOutput:
     """Loss of one batch (``hr`` in [-1, 1], ``lr_cond`` in [0, 1], prompts as strings).
 
     ``generator`` drives the VAE sample, the noise and the timesteps (its state goes into checkpoints so
     a resumed run repeats exactly); a list of generators, one per sample, draws each sample's share from
     its own (the training loop's per-sample streams, :mod:`xpsr.distributed.streams`).
-    Precomputed ``content_embeds``/``quality_embeds`` skip the text encoder.
+    Precomputed ``content_embeds``/``quality_embeds`` skip the text encoder. ``predict`` replaces
+    ``predict_noise(unet, controlnet, ...)`` (the FSDP-sharded pair of xpsr.distributed.fsdp, called as one module).
     """
     unet, controlnet, vae, scheduler = modules.unet, modules.controlnet, modules.vae, modules.scheduler
     hr = batch["hr"]
@@ -82,8 +84,9 @@ def training_step(modules, batch: dict, dfc: DFCConfig, content_prompt: str = "c
                                         device)
 
     # 4. ControlNet (SFA, DFC heads) + UNet with the residuals
-    pred, control = predict_noise(unet, controlnet, noisy, timesteps, content_embeds.to(weight_dtype),
-                                  quality_embeds.to(weight_dtype), batch["lr_cond"].to(weight_dtype))
+    predict = predict or functools.partial(predict_noise, unet, controlnet)
+    pred, control = predict(noisy, timesteps, content_embeds.to(weight_dtype), quality_embeds.to(weight_dtype),
+                            batch["lr_cond"].to(weight_dtype))
 
     # 5. loss: epsilon or v target (from the scheduler) + lambda * DFC
     if scheduler.config.prediction_type == "v_prediction":

@@ -9,6 +9,8 @@ batch (batch_size x accumulation x processes): then the run goes on, but with an
 """
 from __future__ import annotations
 
+import dataclasses
+
 from xpsr.errors import XPSRError
 
 
@@ -40,3 +42,15 @@ def describe_change(saved_world: int | None, saved_global_batch: int | None, wor
         text += (f"; the global batch changes from {saved_global_batch} to {global_batch} samples per step "
                  f"(batch_size x gradient_accumulation_steps x processes), the learning rate does not")
     return text
+
+
+def global_batch(batch_size: int, accumulation: int, world: int) -> int:
+    """Samples per optimizer step over all processes."""
+    return batch_size * accumulation * world
+
+
+def continue_on(state, world: int, batch: int, where: str):
+    """A resumed TrainState (``world``, ``samples``, ``global_batch`` as saved) moved onto ``world`` processes
+    with a global batch of ``batch``; returns (state, the one-line note or None)."""
+    note = describe_change(state.world, state.global_batch, world, batch)
+    return dataclasses.replace(state, samples=rescale_position(state.samples, state.world, world, where)), note

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from xpsr.config import TrainConfig, to_dict
 from xpsr.distributed.fsdp import TrainedPair, after_prepare, enable_fsdp_on_cpu
 from xpsr.distributed.streams import POSITION, PositionedDataset, PositionedSampler, sample_generators
-from xpsr.distributed.world import describe_change, rescale_position
+from xpsr.distributed.world import continue_on, global_batch
 from xpsr.errors import XPSRError
 from xpsr.models.build import DTYPES, XPSRModules, build_xpsr, trainable_parameters
 from xpsr.training.checkpointing import (
@@ -197,11 +197,6 @@ def build_session(cfg: TrainConfig, accelerator, out: Path) -> Session:
                    onestep=onestep)
 
 
-def global_batch(cfg: TrainConfig, world: int) -> int:
-    """Samples per optimizer step over all processes."""
-    return cfg.batch_size * cfg.gradient_accumulation_steps * world
-
-
 def make_optimizer(cfg: TrainConfig, params: list) -> torch.optim.Optimizer:
     """AdamW over ``params`` (parameters, or parameter groups with their own ``lr``)."""
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
@@ -228,9 +223,9 @@ def resume(s: Session) -> None:
         return
     s.state = load_checkpoint(ckpt, s.modules.unet, s.modules.controlnet, s.optimizer, s.lr_scheduler, s.generator,
                               s.ema)
-    world, saved = s.accelerator.num_processes, s.state
-    change = describe_change(saved.world, saved.global_batch, world, global_batch(s.cfg, world))
-    s.state = dataclasses.replace(saved, samples=rescale_position(saved.samples, saved.world, world, str(ckpt)))
+    world, cfg = s.accelerator.num_processes, s.cfg
+    s.state, change = continue_on(s.state, world, global_batch(cfg.batch_size, cfg.gradient_accumulation_steps,
+                                                               world), str(ckpt))
     s.accelerator.print(f"resumed from {ckpt} at step {s.state.step}")
     if change:
         s.accelerator.print(change)
@@ -365,7 +360,7 @@ def after_optimizer_step(s: Session, last: dict[str, float], end: int, start: fl
     due = stopping_early or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0)
     if due:
         state.max_steps, state.world = cfg.max_steps, s.accelerator.num_processes
-        state.global_batch = global_batch(cfg, state.world)
+        state.global_batch = global_batch(cfg.batch_size, cfg.gradient_accumulation_steps, state.world)
     if s.pair is not None:  # FSDP: every rank gathers, the main process writes; no validation
         if due:
             save_gathered_checkpoint(s)

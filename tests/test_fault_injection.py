@@ -102,7 +102,7 @@ def launcher():
     launcher.close()
 
 
-@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("stage", [name for name, stage in STAGES.items() if stage.processes == 1])
 def test_a_killed_stage_rerun_to_completion_equals_an_uninterrupted_run(stage, tmp_path, launcher):
     settings = Settings(workdir=tmp_path, kills=1, work_kills=1, write_kills=1, seed=0, launcher="forkserver",
                         control=False, overrides=CI_OVERRIDES)
@@ -112,6 +112,21 @@ def test_a_killed_stage_rerun_to_completion_equals_an_uninterrupted_run(stage, t
     assert report["crashes"] == 0 and problems == [], problems
     if stage == "train":  # a rerun resumed from a checkpoint of the killed run, not from scratch
         assert report["resumed_at_steps"], report["records"]
+
+
+def test_a_rank_killed_mid_run_stops_the_job_and_resume_ends_bitwise_equal(tmp_path):
+    """train-ddp: torchrun, 2 CPU ranks; one rank gets SIGKILL inside the work; torchrun must end the job by
+    itself (the other rank would otherwise wait in an all-reduce forever), and `resume=latest` on 2 processes
+    must end with checkpoints and final weights equal bit for bit to the uninterrupted 2-process run."""
+    settings = Settings(workdir=tmp_path, kills=0, work_kills=1, write_kills=0, seed=0, launcher="subprocess",
+                        control=False, chain_prob=0.0, overrides={"train-ddp": ["max_steps=3"]})
+    report = run_stage("train-ddp", settings, make_launcher("subprocess"))
+    problems = [p for f in report["failures"] for p in f["problems"]]
+    assert report["kills_total"] == 1 and report["crashes"] == 0 and problems == [], report["records"]
+    killed = (tmp_path / "train-ddp" / "logs" / "trial-000-run-0.log").read_text(errors="replace")
+    assert "did not stop the job" not in killed
+    assert "exitcode  : -9" in killed or "Signal 9" in killed, killed[-2000:]  # torchrun's own failure report
+    assert report["resumed_at_steps"], report["records"]
 
 
 def test_eval_outputs_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):

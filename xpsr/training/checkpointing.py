@@ -45,6 +45,8 @@ class TrainState:
     step: int = 0
     samples: int = 0  # samples this process has consumed (the data position)
     max_steps: int | None = None  # the run's target when saved: a resume with another target may change the LR
+    world: int | None = None  # processes when saved: `samples` x `world` = position in the global data stream
+    global_batch: int | None = None  # samples per optimizer step over all processes, when saved
 
 
 class EMA:
@@ -183,7 +185,8 @@ def load_checkpoint(folder: Path, unet, controlnet, optimizer, lr_scheduler, gen
         random.setstate(ast.literal_eval(meta["python_random"]))
         kind, keys, *rest = meta["numpy_random"]
         np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
-        return TrainState(step=meta["step"], samples=meta["samples"], max_steps=meta.get("max_steps"))
+        return TrainState(step=meta["step"], samples=meta["samples"], max_steps=meta.get("max_steps"),
+                          world=meta.get("world"), global_batch=meta.get("global_batch"))
 
 
 def checkpoint_folders(output_dir: Path) -> list[tuple[int, Path]]:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
-import platform
-import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -22,6 +20,9 @@ import torch
 from tqdm import tqdm
 
 from xpsr.config import TrainConfig, to_dict
+from xpsr.distributed.fsdp import TrainedPair, after_prepare, enable_fsdp_on_cpu
+from xpsr.distributed.streams import POSITION, PositionedDataset, PositionedSampler, sample_generators
+from xpsr.distributed.world import continue_on, global_batch
 from xpsr.errors import XPSRError
 from xpsr.models.build import DTYPES, XPSRModules, build_xpsr, trainable_parameters
 from xpsr.training.checkpointing import (
@@ -37,7 +38,10 @@ from xpsr.training.checkpointing import (
 )
 from xpsr.training.determinism import deterministic_mode, seed_everything
 from xpsr.training.integrity import CheckpointWarning, disk_full_is_an_error, write_text_atomic
+from xpsr.training.runfiles import _flat, environment
+from xpsr.training.sharded import save_gathered_checkpoint, save_gathered_final
 from xpsr.training.step import training_step
+from xpsr.training.trainable import reachable_only
 
 
 class NonFiniteLossError(XPSRError, RuntimeError):
@@ -57,7 +61,7 @@ class Session:
     optimizer: Any
     lr_scheduler: Any
     ema: EMA | None
-    generator: torch.Generator  # noise, timesteps and VAE samples (its state is checkpointed)
+    generator: torch.Generator  # one-step training's noise (multi-step draws per sample: distributed.streams)
     state: TrainState = dataclasses.field(default_factory=TrainState)
     dataset: Any = None
     loader: Any = None
@@ -65,6 +69,7 @@ class Session:
     resolved: dict = dataclasses.field(default_factory=dict)  # the config as saved with every checkpoint
     loss_log: Any = None
     onestep: Any = None  # xpsr.onestep.train.OneStepParts when training the one-step student
+    pair: Any = None  # under FSDP: the sharded UNet + ControlNet as one module (xpsr.distributed.fsdp)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -127,6 +132,10 @@ def setup_accelerator(cfg: TrainConfig):
                               mixed_precision="no" if cfg.mixed_precision == "fp32" else cfg.mixed_precision,
                               log_with=None if cfg.report_to == "none" else cfg.report_to, cpu=cfg.device == "cpu",
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    enable_fsdp_on_cpu(accelerator)
+    if accelerator.is_fsdp2 and (cfg.validation.every or cfg.onestep.enabled):
+        raise XPSRError("under FSDP, validation.every must be 0 (validation needs the whole model in one process: "
+                        "sample the checkpoints with `xpsr infer`) and onestep.enabled false")
     seed_everything(cfg.seed, accelerator.process_index)
     if cfg.demo_data:
         from xpsr.training.demo_data import make_demo_data
@@ -168,7 +177,9 @@ def build_session(cfg: TrainConfig, accelerator, out: Path) -> Session:
 
         onestep, trainable, groups = build_onestep(cfg, modules, out, device)
     else:
-        trainable = trainable_parameters(modules.unet, modules.controlnet)
+        # heads whose loss term the recipe switches off are frozen: DDP needs every trainable one to get a gradient
+        trainable = reachable_only(trainable_parameters(modules.unet, modules.controlnet), modules.controlnet,
+                                   cfg.dfc)
         groups = list(trainable.values())
     for p in trainable.values():
         p.data = p.data.float()  # master weights in fp32
@@ -212,7 +223,12 @@ def resume(s: Session) -> None:
         return
     s.state = load_checkpoint(ckpt, s.modules.unet, s.modules.controlnet, s.optimizer, s.lr_scheduler, s.generator,
                               s.ema)
+    world, cfg = s.accelerator.num_processes, s.cfg
+    s.state, change = continue_on(s.state, world, global_batch(cfg.batch_size, cfg.gradient_accumulation_steps,
+                                                               world), str(ckpt))
     s.accelerator.print(f"resumed from {ckpt} at step {s.state.step}")
+    if change:
+        s.accelerator.print(change)
     warn_if_schedule_changes(s.cfg.lr_scheduler, s.state.max_steps, s.cfg.max_steps)
 
 
@@ -242,16 +258,27 @@ def make_data(s: Session) -> None:
 
     s.dataset, sampler = build_dataset(s.cfg.data, s.accelerator.process_index, s.accelerator.num_processes,
                                        start=s.state.samples)
+    # Each sample carries its global stream position, which seeds its noise and timestep (per-sample streams)
     # Its own generator: creating the iterator draws the workers' base seed from it instead of from the
     # global torch RNG, whose checkpointed state would otherwise differ between a straight and a resumed run.
     s.loader = torch.utils.data.DataLoader(
-        s.dataset, batch_size=s.cfg.batch_size, sampler=sampler, num_workers=s.cfg.num_workers,
+        PositionedDataset(s.dataset), batch_size=s.cfg.batch_size, sampler=PositionedSampler(sampler),
+        num_workers=s.cfg.num_workers,
         pin_memory=s.accelerator.device.type == "cuda",
         generator=torch.Generator().manual_seed(s.cfg.seed * 1000 + s.accelerator.process_index))
 
 
 def prepare_for_training(s: Session) -> None:
-    """accelerate wraps the UNet/ControlNet (DDP, autocast), the optimizer and the schedule; optional compile."""
+    """accelerate wraps the UNet/ControlNet (DDP, autocast; or FSDP2 as one pair), the optimizer and the
+    schedule; optional compile."""
+    if s.accelerator.is_fsdp2:
+        old = [p for group in s.optimizer.param_groups for p in group["params"]]
+        s.pair, s.optimizer, s.lr_scheduler = s.accelerator.prepare(
+            TrainedPair(s.modules.unet, s.modules.controlnet), s.optimizer, s.lr_scheduler)
+        s.trainable = after_prepare(s.pair, s.optimizer.optimizer, old, s.trainable, s.ema)
+        s.step_modules = s.modules
+        s.pair.train()
+        return
     unet, controlnet, s.optimizer, s.lr_scheduler = s.accelerator.prepare(
         s.modules.unet, s.modules.controlnet, s.optimizer, s.lr_scheduler)
     if s.cfg.compile:
@@ -286,7 +313,8 @@ def micro_step(s: Session, batch: dict) -> tuple[dict[str, float], bool]:
     """Forward and backward of one micro-batch; the optimizer steps when accumulation is complete.
     Returns (loss terms, whether that was an optimizer step)."""
     cfg, accelerator = s.cfg, s.accelerator
-    with accelerator.accumulate(s.step_modules.controlnet, s.step_modules.unet):
+    synced = [s.pair] if s.pair is not None else [s.step_modules.controlnet, s.step_modules.unet]
+    with accelerator.accumulate(*synced):
         batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
                  for k, v in batch.items()}
         if s.onestep is not None:
@@ -294,7 +322,9 @@ def micro_step(s: Session, batch: dict) -> tuple[dict[str, float], bool]:
 
             result = onestep_step(s.onestep, s.step_modules, batch, cfg.content_prompt, s.generator, s.weight_dtype)
         else:
-            result = training_step(s.step_modules, batch, cfg.dfc, cfg.content_prompt, s.generator, s.weight_dtype)
+            generators = sample_generators(cfg.seed, batch[POSITION].tolist())
+            result = training_step(s.step_modules, batch, cfg.dfc, cfg.content_prompt, generators, s.weight_dtype,
+                                   predict=s.pair)
         for name, value in result.terms.items():
             if not torch.isfinite(value).all():
                 raise NonFiniteLossError(
@@ -326,11 +356,18 @@ def after_optimizer_step(s: Session, last: dict[str, float], end: int, start: fl
             with disk_full_is_an_error(s.loss_log.name):
                 if s.loss_log.write(row) != len(row):  # a short write: the disk filled up mid-row
                     raise OSError(errno.ENOSPC, "short write", s.loss_log.name)
+    stopping_early = state.step == end < cfg.max_steps
+    due = stopping_early or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0)
+    if due:
+        state.max_steps, state.world = cfg.max_steps, s.accelerator.num_processes
+        state.global_batch = global_batch(cfg.batch_size, cfg.gradient_accumulation_steps, state.world)
+    if s.pair is not None:  # FSDP: every rank gathers, the main process writes; no validation
+        if due:
+            save_gathered_checkpoint(s)
+        return
     if not s.accelerator.is_main_process:
         return
-    stopping_early = state.step == end < cfg.max_steps
-    if stopping_early or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
-        state.max_steps = cfg.max_steps
+    if due:
         save_checkpoint(s.out / "checkpoints" / f"step-{state.step}", s.modules.unet, s.modules.controlnet,
                         s.resolved, s.optimizer, s.lr_scheduler, state, s.generator, s.ema,
                         hashes=cfg.checkpoint_hashes)
@@ -345,6 +382,8 @@ def after_optimizer_step(s: Session, last: dict[str, float], end: int, start: fl
 def finish(s: Session) -> None:
     """At max_steps: final/trained.safetensors (and final/ema.safetensors with EMA)."""
     s.accelerator.wait_for_everyone()
+    if s.pair is not None and s.state.step == s.cfg.max_steps:
+        return save_gathered_final(s)
     if not (s.accelerator.is_main_process and s.state.step == s.cfg.max_steps):
         return
     from xpsr.models.checkpoint import save_trained
@@ -359,30 +398,3 @@ def finish(s: Session) -> None:
             s.ema.swap(s.trainable)
             save_trained(s.out / "final" / "ema.safetensors", s.modules.unet, s.modules.controlnet, s.resolved)
             s.ema.swap(s.trainable)
-
-
-def environment(repo: Path) -> dict:
-    """Versions and the git commit, saved as environment.json in the run dir."""
-    import accelerate
-    import diffusers
-    import transformers
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "accelerate": accelerate.__version__, "git_commit": commit,
-            "cuda": torch.version.cuda, "gpus": torch.cuda.device_count()}
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out

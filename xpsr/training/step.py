@@ -1,6 +1,7 @@
 """One XPSR training step, top to bottom: encode, noise, predict, noise loss + lambda * DFC."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -31,14 +32,31 @@ def paper_latent_indices(latent_preds: list[torch.Tensor], n_scales: int = 3) ->
     return chosen
 
 
+def _randn(shape: torch.Size, generator) -> torch.Tensor:
+    """Standard normal noise on the CPU: one draw of ``shape``, or one draw per sample from its own generator."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(shape[1:], generator=g) for g in generator])
+    return torch.randn(shape, generator=generator, device="cpu")
+
+
+def _timesteps(n_train: int, b: int, generator) -> torch.Tensor:
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.randint(0, n_train, (1,), generator=g) for g in generator])
+    return torch.randint(0, n_train, (b,), generator=generator)
+
+
 def training_step(modules, batch: dict, dfc: DFCConfig, content_prompt: str = "caption",
-                  generator: torch.Generator | None = None, weight_dtype: torch.dtype = torch.float32,
+                  generator: torch.Generator | list[torch.Generator] | None = None,
+                  weight_dtype: torch.dtype = torch.float32,
                   content_embeds: torch.Tensor | None = None,
-                  quality_embeds: torch.Tensor | None = None) -> StepOutput:
+                  quality_embeds: torch.Tensor | None = None, predict=None) -> StepOutput:
     """Loss of one batch (``hr`` in [-1, 1], ``lr_cond`` in [0, 1], prompts as strings).
 
     ``generator`` drives the VAE sample, the noise and the timesteps (its state goes into checkpoints so
-    a resumed run repeats exactly). Precomputed ``content_embeds``/``quality_embeds`` skip the text encoder.
+    a resumed run repeats exactly); a list of generators, one per sample, draws each sample's share from
+    its own (the training loop's per-sample streams, :mod:`xpsr.distributed.streams`).
+    Precomputed ``content_embeds``/``quality_embeds`` skip the text encoder. ``predict`` replaces
+    ``predict_noise(unet, controlnet, ...)`` (the FSDP-sharded pair of xpsr.distributed.fsdp, called as one module).
     """
     unet, controlnet, vae, scheduler = modules.unet, modules.controlnet, modules.vae, modules.scheduler
     hr = batch["hr"]
@@ -48,13 +66,13 @@ def training_step(modules, batch: dict, dfc: DFCConfig, content_prompt: str = "c
     # 1. HR -> latents with the frozen VAE (scaled as SD expects)
     with torch.no_grad():
         posterior = vae.encode(hr.to(weight_dtype)).latent_dist
-        noise_vae = torch.randn(posterior.mean.shape, generator=generator, device="cpu").to(device)
+        noise_vae = _randn(posterior.mean.shape, generator).to(device)
         hr_latents = (posterior.mean + posterior.std * noise_vae.to(posterior.mean.dtype)).float()
         hr_latents = hr_latents * vae.config.scaling_factor
 
     # 2. noise at uniformly drawn timesteps
-    noise = torch.randn(hr_latents.shape, generator=generator, device="cpu").to(device)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
+    noise = _randn(hr_latents.shape, generator).to(device)
+    timesteps = _timesteps(scheduler.config.num_train_timesteps, b, generator).to(device)
     noisy = scheduler.add_noise(hr_latents, noise, timesteps)
 
     # 3. prompts through the frozen text encoder, once per distinct prompt
@@ -66,8 +84,9 @@ def training_step(modules, batch: dict, dfc: DFCConfig, content_prompt: str = "c
                                         device)
 
     # 4. ControlNet (SFA, DFC heads) + UNet with the residuals
-    pred, control = predict_noise(unet, controlnet, noisy, timesteps, content_embeds.to(weight_dtype),
-                                  quality_embeds.to(weight_dtype), batch["lr_cond"].to(weight_dtype))
+    predict = predict or functools.partial(predict_noise, unet, controlnet)
+    pred, control = predict(noisy, timesteps, content_embeds.to(weight_dtype), quality_embeds.to(weight_dtype),
+                            batch["lr_cond"].to(weight_dtype))
 
     # 5. loss: epsilon or v target (from the scheduler) + lambda * DFC
     if scheduler.config.prediction_type == "v_prediction":

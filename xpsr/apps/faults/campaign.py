@@ -124,7 +124,7 @@ class StageRunner:
         self.run_dir.mkdir(parents=True)
 
     def start(self, name: str, kill: Kill | None = None):
-        run = self.launcher.start(self.argv, self.logs / f"{name}.log")
+        run = self.launcher.start(self.argv, self.logs / f"{name}.log", processes=self.stage.processes)
         return watch(run, self.run_dir, kill_at_s=kill.value if kill and kill.mode != "write" else None,
                      kill_at_write=int(kill.value) if kill and kill.mode == "write" else None,
                      poll_s=self.settings.poll_s, timeout_s=self.timeout_s)

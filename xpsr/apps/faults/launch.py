@@ -65,11 +65,13 @@ class SubprocessLauncher:
     def __init__(self):
         self.env = stage_environment()
 
-    def start(self, argv: list[str], log: Path) -> Run:
+    def start(self, argv: list[str], log: Path, processes: int = 1) -> Run:
+        command = [sys.executable, "-m", "xpsr.cli", *argv]
+        if processes > 1:
+            command = torchrun_command(processes) + ["-m", "xpsr.cli", *argv]
         with open(log, "wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "xpsr.cli", *argv], env=self.env,
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(command, env=self.env, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
 
         def wait(timeout):
             try:
@@ -81,10 +83,55 @@ class SubprocessLauncher:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
 
+        if processes > 1:
+            return Run(proc.pid, proc.poll, lambda: kill_one_rank(proc, kill, log), wait)
         return Run(proc.pid, proc.poll, kill, wait)
 
     def close(self) -> None:
         pass
+
+
+LAUNCHER_GRACE_S = 120.0  # how long torchrun may take to stop the job after one of its ranks died
+
+
+def torchrun_command(processes: int) -> list[str]:
+    """torchrun on this machine: ``processes`` CPU ranks, rendezvous on loopback at a free port, no restarts
+    (a dead rank must end the job; ``resume=latest`` is what continues it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--nnodes=1",
+            "--master_addr=127.0.0.1", f"--master_port={port}", "--max_restarts=0"]
+
+
+def worker_pids(agent: int) -> list[int]:
+    """The processes torchrun started (its children), oldest first."""
+    try:
+        text = Path(f"/proc/{agent}/task/{agent}/children").read_text()
+    except OSError:
+        return []
+    return sorted(int(pid) for pid in text.split())
+
+
+def kill_one_rank(proc: subprocess.Popen, kill_all, log: Path) -> None:
+    """SIGKILL the newest rank, as a crashed GPU or an OOM killer would, then let the launcher stop the job.
+    Before the ranks exist the launcher itself is killed (with its whole session). If torchrun still runs
+    after LAUNCHER_GRACE_S, that is a hung job: it is killed and the log says so."""
+    workers = worker_pids(proc.pid)
+    if not workers:
+        kill_all()
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(workers[-1], signal.SIGKILL)
+    try:
+        proc.wait(LAUNCHER_GRACE_S)
+    except subprocess.TimeoutExpired:
+        kill_all()
+        with open(log, "ab") as f:
+            f.write(f"\nfault injection: torchrun did not stop the job {LAUNCHER_GRACE_S:.0f}s after rank pid "
+                    f"{workers[-1]} was killed\n".encode())
 
 
 def _run_cli(argv: list[str], log: str) -> None:
@@ -131,7 +178,9 @@ class ForkServerLauncher:
             warm.start()
             warm.join()
 
-    def start(self, argv: list[str], log: Path) -> Run:
+    def start(self, argv: list[str], log: Path, processes: int = 1) -> Run:
+        if processes > 1:  # torchrun starts its own ranks: it cannot be forked from here
+            return SubprocessLauncher().start(argv, log, processes)
         log.write_bytes(b"")  # exists even when the run is killed before it opens it
         proc = self.ctx.Process(target=_run_cli, args=(list(argv), str(log)))
         proc.start()

@@ -47,6 +47,7 @@ class Stage:
     make_inputs: Callable[[Path], None]  # writes the stage's inputs under the folder (once per campaign)
     argv: Callable[[Path, Path], list[str]]  # (inputs folder, output folder) -> `xpsr` arguments
     rules: Rules
+    processes: int = 1  # > 1: launched with torchrun on this many CPU processes, and a kill hits one rank
 
 
 # --------------------------------------------------------------------------------------------- prepare
@@ -120,6 +121,11 @@ def _train_argv(inputs: Path, out: Path) -> list[str]:
             "checkpoints_total_limit=null", "log_every=1", "resume=latest"]
 
 
+def _train_ddp_argv(inputs: Path, out: Path) -> list[str]:
+    # batch 1 per rank: the global batch and the data equal the `train` stage's (2 per step)
+    return [*_train_argv(inputs, out), "batch_size=1", "max_steps=4", "device=cpu"]
+
+
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("prepare", "12 pairs (64 px crops, x4) from 6 photos, one of them grayscale", _prepare_inputs,
           _prepare_argv, Rules(volatile={"report.json": ("stats.seconds", "stats.pairs_per_s", "stats.pairs_made",
@@ -138,4 +144,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("train", "6 steps of the tiny model, a checkpoint after every step (all kept)", _train_inputs,
           _train_argv, Rules(volatile={"logs/losses.jsonl": ("steps_per_s",)},
                              unique={"logs/losses.jsonl": ("step",)})),
+    Stage("train-ddp", "4 steps of the tiny model on 2 CPU processes (torchrun, gloo), a checkpoint after every "
+          "step; a kill hits one rank and the launcher must stop the job", _train_inputs, _train_ddp_argv,
+          Rules(volatile={"logs/losses.jsonl": ("steps_per_s",)}, unique={"logs/losses.jsonl": ("step",)}),
+          processes=2),
 )}

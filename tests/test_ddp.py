@@ -174,8 +174,8 @@ def test_each_position_of_the_data_stream_goes_to_exactly_one_rank(demo):
     first W x m draws of the 1-rank stream, each once: no padding, nothing dropped or repeated."""
     import itertools
 
-    from xpsr.data.dataset import build_dataset
     from xpsr.distributed.streams import PositionedSampler
+    from xpsr.training.dataset import build_dataset
 
     n = 12
     one = [k for k in itertools.islice(PositionedSampler(build_dataset(demo, 0, 1)[1]), 3 * n)]

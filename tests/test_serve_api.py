@@ -38,9 +38,9 @@ def _photo(path, width: int, height: int):
 
 
 def test_a_student_is_served_in_one_step_with_its_training_settings(student, tmp_path):
-    from xpsr.inference.pipeline import super_resolve
     from xpsr.apps.serve.app import build_app
     from xpsr.apps.serve.engine import Controls, Engine, infer_config
+    from xpsr.inference.pipeline import super_resolve
 
     engine = Engine(load_config(ServeConfig, TINY, [f"weights={student}"]), tmp_path / "out")
     assert (engine.settings.mode, engine.settings.onestep_timestep, engine.settings.lr_latent) == \

@@ -5,7 +5,7 @@ If each rank drew them from its own generator, 2 ranks x batch 1 and 1 rank x ba
 different noise and never agree. Instead every sample carries its position ``k`` in the global data stream
 (the k-th key the sampler deals, whatever rank takes it), and its draws come from a generator seeded by
 (seed, k). The data itself (crop, flip, HR-as-condition, prompt dropout) is already a function of the
-sample key (xpsr.data.dataset), so a sample is trained identically on any world size, batch size and
+sample key (xpsr.training.dataset), so a sample is trained identically on any world size, batch size and
 accumulation, and a resumed run on another world size continues exactly.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ def sample_generators(seed: int, positions) -> list[torch.Generator]:
 
 
 class PositionedSampler(Sampler):
-    """Adds the global stream position to the keys of a :class:`~xpsr.data.dataset.WeightedStreamSampler`.
+    """Adds the global stream position to the keys of a :class:`~xpsr.training.dataset.WeightedStreamSampler`.
 
     That sampler deals the global stream round robin: rank r of W takes positions r, r+W, r+2W, ...,
     starting at ``start * W + r`` (``start`` = samples the rank has consumed).

@@ -1,6 +1,6 @@
 """Resuming on another number of processes.
 
-The data stream is global (xpsr.data.dataset.WeightedStreamSampler deals it round robin over the ranks)
+The data stream is global (xpsr.training.dataset.WeightedStreamSampler deals it round robin over the ranks)
 and every sample's noise is keyed by its stream position (xpsr.distributed.streams), so a checkpoint
 records where the *global* stream stands: ``samples`` per rank x ``world``. A resume on W' processes starts
 each rank at global position / W' and continues the exact sample order. What may change is the global

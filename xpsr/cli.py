@@ -258,16 +258,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # exit 1 with one line, as every other problem with the user's input
         print(f"xpsr {args.command}: {e}", file=sys.stderr)
         return 1
+    from xpsr.apps.quiet_imports import hide_bitsandbytes, needs_bitsandbytes, show_bitsandbytes
     from xpsr.errors import XPSRError
-    from xpsr.quiet_imports import hide_bitsandbytes, needs_bitsandbytes
 
-    if not needs_bitsandbytes(args.command, cfg):
-        hide_bitsandbytes()  # keeps its offline kernel-download warning out of commands that never use it
+    # keeps bitsandbytes' offline kernel-download warning out of the commands that never use it
+    hidden = not needs_bitsandbytes(args.command, cfg) and hide_bitsandbytes()
     try:
         return fn(cfg)
     except (XPSRError, FileNotFoundError, ValueError, KeyError) as e:  # problems with inputs, not bugs
         print(f"xpsr {args.command}: {e}", file=sys.stderr)
         return 1
+    finally:
+        if hidden:
+            show_bitsandbytes()
 
 
 if __name__ == "__main__":

@@ -142,7 +142,8 @@ def serve(cfg: ServeConfig, block: bool = True) -> gr.Blocks:
     output_dir = Path(cfg.output_dir) if cfg.output_dir else Path(tempfile.mkdtemp(prefix="xpsr-serve-"))
     engine = Engine(cfg, output_dir)
     app = build_app(engine)
-    print(f"serve: model loaded on {engine.device}; results go to {output_dir}", flush=True)
+    print(f"serve: model loaded on {engine.device}, mode {engine.settings.describe()}; results go to {output_dir}",
+          flush=True)
     app.launch(server_name=cfg.host, server_port=cfg.port, share=False, show_error=True, quiet=False,
                allowed_paths=[str(output_dir)], max_file_size=f"{cfg.max_file_mb}mb", theme=THEME,
                ssr_mode=False, prevent_thread_lock=not block)

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from xpsr.config import CaptionConfig, InferConfig, ServeConfig, load_config
+from xpsr.config.loader import short
 from xpsr.config.rules import SEED
 from xpsr.data.images import ImageError, load_rgb, save_png_atomic
 from xpsr.errors import XPSRError
@@ -112,14 +113,14 @@ def _whole(name: str, value, low: int, high: int) -> int:
     """A control that must be a whole number in [low, high] (2.7 steps is refused, not truncated to 2)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise RequestError(f"{name} must be a whole number, got {value!r}")
-    try:
-        number = float(value)
-    except ValueError:
+    try:  # ints are compared as they are: a float of 10**400 would overflow
+        number = value if isinstance(value, int) else float(value)
+    except (ValueError, OverflowError):
         raise RequestError(f"{name} must be a whole number, got {value!r}") from None
-    if not number.is_integer():
+    if isinstance(number, float) and not number.is_integer():
         raise RequestError(f"{name} must be a whole number, got {value!r}")
     if not low <= number <= high:
-        raise RequestError(f"{name} must be between {low} and {high:,}, got {value!r}")
+        raise RequestError(f"{name} must be between {low} and {high:,}, got {short(value)}")
     return int(number)
 
 

@@ -28,3 +28,9 @@ def hide_bitsandbytes() -> bool:
         return False
     sys.modules[NAME] = None  # type: ignore[assignment]  (the documented way to block an import)
     return True
+
+
+def show_bitsandbytes() -> None:
+    """Undo :func:`hide_bitsandbytes` (the CLI's ``main`` called in-process, e.g. by tests, leaves no trace)."""
+    if NAME in sys.modules and sys.modules[NAME] is None:
+        del sys.modules[NAME]

@@ -54,32 +54,16 @@ class Settings:
 
 def trained_settings(weights: str | None) -> dict:
     """What a run, checkpoint or `xpsr export` folder was trained for: ``{"mode", "onestep_timestep",
-    "lr_latent"}`` for a one-step student, ``{"mode": "multistep"}`` for weights whose training config says
-    otherwise, ``{}`` when nothing says (the fresh model, official or bare exported folders).
-
-    Read with the run-config code of today; the shared reader of the inference layer replaces it at merge."""
-    from xpsr.config import OneStepConfig
+    "lr_latent"}`` for a one-step student, ``{"mode": "multistep"}`` for other weights, ``{}`` for the fresh
+    model. Read by the inference layer's reader, the one `xpsr infer` and ``XPSRPipeline`` use."""
+    from xpsr.inference.trained_settings import trained_settings as read_trained
 
     if not weights:
         return {}
-    path = Path(weights)
-    if path.is_dir() and (path / "final" / "trained.safetensors").is_file():
-        path = path / "final" / "trained.safetensors"
-    if path.is_file() and path.suffix == ".safetensors":
-        from xpsr.models.checkpoint import read_config
-
-        stored = read_config(path)
-    elif path.is_dir() and (path / "xpsr_train_config.yaml").is_file():  # export.TRAIN_CONFIG_FILE
-        import yaml
-
-        stored = yaml.safe_load((path / "xpsr_train_config.yaml").read_text()) or {}
-    else:
-        return {}
-    onestep = stored.get("onestep") or {}
-    if not onestep.get("enabled"):
+    settings = read_trained(weights)
+    if not settings.is_student:
         return {"mode": "multistep"}
-    return {"mode": "onestep", "onestep_timestep": int(onestep.get("timestep", OneStepConfig.timestep)),
-            "lr_latent": onestep.get("lr_latent", OneStepConfig.lr_latent)}
+    return {"mode": "onestep", "onestep_timestep": settings.onestep_timestep, "lr_latent": settings.lr_latent}
 
 
 def resolve_settings(cfg: ServeConfig, trained: dict, student_timestep: int | None) -> Settings:

@@ -418,6 +418,8 @@ class ServeConfig:
                                    "lr_latent=`; null = the one the weights were trained with (else sample)")
     num_inference_steps: int = doc(20, "default of the steps control", min=1)
     guidance_scale: float = doc(4.5, "default of the guidance control")
+    start_from: str = choice("lr", ("lr", "sdedit", "noise"), "initial latent, as `xpsr infer start_from=`")
+    added_noise_level: int = doc(800, "as `xpsr infer added_noise_level=`", min=0, max=999)
     seed: int = doc(0, "default of the seed control", **SEED)
     color_fix: str = choice("adain", COLOR_FIXES, "default of the colour-fix control")
     upscale: int = doc(4, "default of the upscale control (1-8)", min=1, max=8)

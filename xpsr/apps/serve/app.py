@@ -93,7 +93,7 @@ def build_app(engine: Engine) -> gr.Blocks:
 
     with gr.Blocks(title="XPSR super-resolution", analytics_enabled=False) as app:
         onestep = engine.settings.mode == "onestep"
-        gr.Markdown(f"## XPSR super-resolution\nModel: `{cfg.weights or 'fresh ' + cfg.model.base}` on "
+        gr.Markdown(f"## XPSR super-resolution\nModel: {engine.model_line} on "
                     f"{engine.device}. Mode: {engine.settings.describe()}. Outputs above "
                     f"{cfg.max_output_pixels:,} pixels (max_output_pixels) or processed above "
                     f"{cfg.max_process_pixels:,} pixels (max_process_pixels) are refused.", elem_id="model_info")

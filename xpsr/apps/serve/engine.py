@@ -19,7 +19,7 @@ import psutil
 import torch
 from PIL import Image
 
-from xpsr.config import CaptionConfig, InferConfig, ServeConfig, load_config
+from xpsr.config import CaptionConfig, DemoConfig, InferConfig, ServeConfig, load_config
 from xpsr.config.loader import short
 from xpsr.config.rules import SEED
 from xpsr.data.images import ImageError, load_rgb, save_png_atomic
@@ -166,6 +166,7 @@ def infer_config(cfg: ServeConfig, controls: Controls, height: int, width: int,
     icfg = InferConfig(
         input="<upload>", output_dir="<upload>", model=cfg.model, weights=cfg.weights,
         scheduler=cfg.scheduler, num_inference_steps=int(controls.steps), guidance_scale=float(controls.guidance),
+        start_from=cfg.start_from, added_noise_level=cfg.added_noise_level,
         color_fix=controls.color_fix, seed=int(controls.seed), upscale=int(controls.upscale),
         process_size=cfg.process_size, dtype=cfg.dtype, device=cfg.device, prompts="fixed",
         latent_tile=tile, latent_overlap=min(cfg.latent_overlap, tile // 2), vae_tile=cfg.vae_tile,
@@ -248,12 +249,35 @@ def _safe_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", Path(name).stem)[:60] or "image"
 
 
+def with_demo_model(cfg: ServeConfig, demo_dir: str | Path | None = None) -> tuple[ServeConfig, str]:
+    """(config, the page's model line). A bare `xpsr serve` (no weights, the tiny base) serves the model that
+    `xpsr demo` trained when the demo's output folder is in the working directory (``demo_dir``), with the
+    demo's sampler for the settings left at their defaults; otherwise it says plainly that the model is random."""
+    if cfg.weights or cfg.model.base != "tiny":
+        return cfg, f"`{cfg.weights or cfg.model.base}`"
+    demo = DemoConfig()
+    out = Path(demo_dir or demo.output_dir).resolve()
+    run, prior = out / "run", out / "prior"
+    if not ((run / "final" / "trained.safetensors").is_file() and (prior / "prior.json").is_file()):
+        return cfg, ("a fresh tiny model with **random weights: its output is noise**. Run `xpsr demo` in this "
+                     "folder first (the app then serves the model it trained), or pass `weights=RUN_OR_EXPORT`")
+    defaults = ServeConfig()
+    sampler = {"scheduler": "ddim", "num_inference_steps": demo.inference_steps, "guidance_scale": demo.guidance_scale,
+               "process_size": demo.crop_size, "start_from": demo.start_from,
+               "added_noise_level": demo.added_noise_level}
+    kept = {k: v for k, v in sampler.items() if getattr(cfg, k) == getattr(defaults, k)}
+    cfg = dataclasses.replace(cfg, weights=str(run), model=dataclasses.replace(demo.model, base=str(prior)), **kept)
+    return cfg, (f"the model `xpsr demo` trained (`{run}`): a tiny model trained on six bundled photos, to try the "
+                 "app; not the paper's quality")
+
+
 class Engine:
     """The model loaded once; requests must come one at a time (the web app queues them)."""
 
     def __init__(self, cfg: ServeConfig, output_dir: Path):
         from xpsr.inference.run import load_modules
 
+        cfg, self.model_line = with_demo_model(cfg)
         if not 1 <= cfg.upscale <= 8:
             raise RequestError(f"upscale={cfg.upscale}: the app offers 1 to 8")
         # a wrong caption config fails now, not at the first upload; the captioner itself is built on first use

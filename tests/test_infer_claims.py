@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 from conftest import REPO
-from test_caption_shards import _children, _free_port
+from node_helpers import children as _children
+from node_helpers import free_port as _free_port
 
 from xpsr.data.images import save_png_atomic
 from xpsr.distributed.owners import create_exclusive, fs_now, read_owner, this_owner

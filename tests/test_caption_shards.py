@@ -2,7 +2,6 @@
 run (two torchrun launches) in which one rank is killed with SIGKILL, then rerun: nothing lost, nothing twice."""
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -12,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO
+from node_helpers import children as _children
+from node_helpers import free_port as _free_port
 
 from xpsr.captions import shards as shards_mod
 from xpsr.captions.cache import CacheError, PromptCache, PromptRow
@@ -99,24 +100,6 @@ def test_the_merge_lock_of_a_dead_merger_is_taken_over_a_live_one_is_waited_for(
 
 
 # ---------------------------------------------------------------- two nodes on loopback, one rank killed
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    return found
-
 
 def _two_nodes(images, cache, *extra):
     """The launch lines of the docs: one torchrun per node, 1 process each, rendezvous on 127.0.0.1."""

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 from conftest import REPO
-from test_caption_shards import _children, _free_port
+from node_helpers import children as _children
+from node_helpers import free_port as _free_port
 
 from xpsr.data.images import save_png_atomic
 from xpsr.distributed.owners import create_exclusive, fs_now, read_owner, this_owner
@@ -64,6 +65,19 @@ def test_claims_of_dead_processes_here_are_taken_at_once_those_of_other_machines
     fd = claims.try_claim(target)
     assert fd is not None and read_owner(claims.claim_path(target))["pid"] == os.getpid()
     claims.release_claim(fd, target)
+
+
+def test_a_taker_that_finds_another_takers_new_claim_puts_it_back(tmp_path):
+    path = claims.claim_path(tmp_path / "a.png")
+    os.close(create_exclusive(path, FOREIGN))
+    judged = os.stat(path)  # stale, say; then another taker replaces it before we rename
+    path.unlink()
+    os.close(create_exclusive(path, this_owner()))
+    fresh = os.stat(path)
+    assert not claims._take_over(path, judged)
+    assert os.stat(path).st_ino == fresh.st_ino and read_owner(path)["pid"] == os.getpid()
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert claims._take_over(path, fresh) and not path.exists()
 
 
 def test_a_holder_keeps_its_claim_fresh(tmp_path):

@@ -21,7 +21,7 @@ from xpsr.captions.captioners import (
     HeuristicCaptioner,
     MLLMCaptioner,
 )
-from xpsr.captions.shards import list_shards, merge_shards, shard_path, shard_world
+from xpsr.captions.shards import MergeLock, list_shards, merge_shards, shard_path, shard_world
 from xpsr.config import CaptionConfig
 from xpsr.data.images import ImageError, file_hash, list_images, load_rgb
 from xpsr.errors import shown
@@ -76,8 +76,9 @@ def _prepare_shard(cfg: CaptionConfig, state) -> Path:
     merge_shards(cfg.cache, [own])
     if rank == 0:
         merge_shards(cfg.cache, [s for s in list_shards(cfg.cache, cfg.kind) if shard_world(s) != world])
-        if Path(cfg.cache).is_file():
-            PromptCache(cfg.cache, journal="delete").close()  # rollback journal: readable from every machine
+        if Path(cfg.cache).is_file():  # rollback journal: readable from every machine (under the lock: others
+            with MergeLock(Path(cfg.cache), 600.0):  # may be merging their own shards right now)
+                PromptCache(cfg.cache, journal="delete").close()
     state.wait_for_everyone()
     return own
 

@@ -87,14 +87,11 @@ def is_stale(path: Path) -> bool:
     return owners.is_stale(path, LEASE_S, path.parent / FOLDER_LOCK)
 
 
-def _take_over(path: Path) -> bool:
-    """Remove the stale claim ``path`` unless another process renewed or replaced it meanwhile; True if the
-    name is free now. Renaming is atomic, so of two takers only one moves the file; the mover then checks it
-    moved the file it judged, and puts back a fresh claim it moved by mistake."""
-    try:
-        judged = os.stat(path)
-    except FileNotFoundError:
-        return True
+def _take_over(path: Path, judged: os.stat_result) -> bool:
+    """Remove the stale claim ``path`` (``judged``: its stat from *before* it was judged stale) unless another
+    process renewed or replaced it meanwhile; True if the name is free now. Renaming is atomic, so of two takers
+    only one moves the file; the mover then checks it moved the file it judged, and puts back a claim it moved by
+    mistake (another taker's new one)."""
     moved = path.with_name(f"{path.name}.stale-{uuid.uuid4().hex[:12]}")
     try:
         os.rename(path, moved)
@@ -119,7 +116,11 @@ def try_claim(target: Path) -> int | None:
         fd = create_exclusive(path, this_owner(output=target.name))
         if fd is not None:
             return _hold(fd)
-        if not is_stale(path) or not _take_over(path):
+        try:
+            judged = os.stat(path)
+        except FileNotFoundError:  # released meanwhile: try again
+            continue
+        if not is_stale(path) or not _take_over(path, judged):
             return None
     return None
 

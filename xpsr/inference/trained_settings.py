@@ -54,7 +54,7 @@ def student_record(timestep: int, lr_latent: str) -> dict[str, Any]:
 
 def mark_student(unet, ocfg: OneStepConfig) -> None:
     """Record on ``unet`` that it is a one-step student trained under ``ocfg`` (exports write it out)."""
-    setattr(unet, STUDENT_SETTINGS, student_record(ocfg.timestep, ocfg.lr_latent))
+    setattr(unwrap(unet), STUDENT_SETTINGS, student_record(ocfg.timestep, ocfg.lr_latent))
 
 
 def settings_of(modules) -> TrainedSettings:

@@ -289,7 +289,9 @@ class Engine:
         self.modules = load_modules(InferConfig(input="<upload>", output_dir=str(output_dir), model=cfg.model,
                                                 weights=cfg.weights))
         # what the weights were trained for travels with them: a one-step student is served in one step
-        self.settings = resolve_settings(cfg, trained_settings(cfg.weights), self.modules.onestep_timestep)
+        from xpsr.inference.trained_settings import settings_of
+
+        self.settings = resolve_settings(cfg, trained_settings(cfg.weights), settings_of(self.modules).onestep_timestep)
         for m in (self.modules.unet, self.modules.controlnet, self.modules.vae, self.modules.text_encoder):
             m.to(self.device).eval()
             if cfg.dtype != "fp32":

@@ -30,7 +30,8 @@ CONVENTIONS: dict[str, tuple[str, str]] = {
     "num_inference_steps": (SUPPORTED, "as `xpsr infer` (default 20); ignored with a warning in one-step mode"),
     "timesteps": (SUPPORTED, "custom timesteps, for schedulers whose `set_timesteps` takes them (ddpm, "
                              "dpmsolver++)"),
-    "sigmas": (SUPPORTED, "custom sigmas, for schedulers whose `set_timesteps` takes them (unipc)"),
+    "sigmas": (SUPPORTED, "custom sigmas, for schedulers whose `set_timesteps` takes them (of XPSR's: unipc, and "
+                          "only with `use_flow_sigmas`, a flow-matching setting; refused with the reason otherwise)"),
     "guidance_scale": (SUPPORTED, "CFG over both prompts (default 4.5); ignored with a warning in one-step mode"),
     "negative_prompt": (SUPPORTED, "negative content prompt, a string or one per image"),
     "num_images_per_prompt": (SUPPORTED, "outputs per input image; copy k draws on from the same generator, so "
@@ -120,8 +121,9 @@ def warn_onestep_ignores(cfg: InferConfig, given: dict[str, Any]) -> None:
                       UserWarning, stacklevel=3)
 
 
-def schedule(cfg: InferConfig, timesteps: Any, sigmas: Any, steps_given: bool) -> dict[str, Any]:
-    """``set_timesteps`` keywords for custom ``timesteps`` / ``sigmas``, where the scheduler takes them."""
+def schedule(cfg: InferConfig, timesteps: Any, sigmas: Any, steps_given: bool, base_config) -> dict[str, Any]:
+    """``set_timesteps`` keywords for custom ``timesteps`` / ``sigmas``, where the scheduler takes them
+    (``base_config``: the pipeline scheduler's config, which the sampling scheduler is built from)."""
     name, values = ("timesteps", timesteps) if timesteps is not None else ("sigmas", sigmas)
     if values is None:
         return {}
@@ -133,6 +135,9 @@ def schedule(cfg: InferConfig, timesteps: Any, sigmas: Any, steps_given: bool) -
     if cfg.scheduler not in takes:
         raise ValueError(f"scheduler {cfg.scheduler!r} takes no custom {name}; these do: {', '.join(takes)} "
                          "(pipe.scheduler = ...from_config(pipe.scheduler.config), or scheduler=...)")
+    if name == "sigmas" and SCHEDULERS[cfg.scheduler].from_config(base_config).config.get("use_flow_sigmas") is False:
+        raise ValueError(f"scheduler {cfg.scheduler!r} takes sigmas only with use_flow_sigmas=True, a setting for "
+                         "flow-matching models; XPSR's Stable Diffusion base predicts noise: pass timesteps= instead")
     values = values.tolist() if isinstance(values, (torch.Tensor, np.ndarray)) else list(values)
     return {name: values}
 
@@ -175,7 +180,8 @@ def encode(pipe, texts: list[str], device, clip_skip: int | None) -> torch.Tenso
     ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
                          return_tensors="pt").input_ids.to(device)
     hidden = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
-    return pipe.text_encoder.text_model.final_layer_norm(hidden)
+    # transformers 5 flattened CLIPTextModel (no .text_model): its final layer norm sits on the model itself
+    return getattr(pipe.text_encoder, "text_model", pipe.text_encoder).final_layer_norm(hidden)
 
 
 def embeddings(pipe, content: str, quality: str, cfg: InferConfig, device, given: dict[str, Any],
@@ -294,7 +300,8 @@ def plan_jobs(pipe, images: list, texts: dict[str, Any], cfg: InferConfig, given
         *texts.items(), *((k, given[k]) for k in ("negative_prompt", "negative_quality_prompt", *EMBEDS)))}
     starts = _rows(given["latents"], n * copies, "latents")
     gens = generators(generator, n, copies, cfg.seed)
-    plan = schedule(cfg, given["timesteps"], given["sigmas"], given["num_inference_steps"] is not None)
+    plan = schedule(cfg, given["timesteps"], given["sigmas"], given["num_inference_steps"] is not None,
+                    pipe.scheduler.config)
     on_step_end = step_callback(pipe, callback, names) if callback is not None else None
     jobs = []
     for i, lr in enumerate(images):

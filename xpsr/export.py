@@ -13,9 +13,9 @@ import yaml
 
 from xpsr.config import ExportConfig, InferConfig
 from xpsr.errors import XPSRError
+from xpsr.inference.model_card import TAGS, card_head, card_location, usage_lines
 
 TRAIN_CONFIG_FILE = "xpsr_train_config.yaml"  # the stored training config, copied beside the weights
-TAGS = ["super-resolution", "image-super-resolution", "xpsr", "controlnet", "stable-diffusion", "diffusers"]
 
 
 class HubPushError(XPSRError):
@@ -129,51 +129,17 @@ def _training_section(source: Source, cfg: ExportConfig) -> list[str]:
     return lines
 
 
-def card_location(output: str | Path, repo_id: str | None) -> str:
-    """Where the card's snippet loads the model from: the Hub id, or the folder by its name relative to where
-    it is used; never the absolute path of the machine that wrote it."""
-    return repo_id or f"./{Path(output).name}"
-
-
-def _card_head(meta: dict[str, Any], model_config, written_by: str) -> list[str]:
-    return ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
-            "# XPSR super-resolution model", "",
-            "XPSR (Qu et al., ECCV 2024, arXiv:2403.05049): Stable Diffusion with a ControlNet carrying "
-            "Semantic-Fusion Attention over a content and a quality prompt, pixel-aware attention in the UNet "
-            f"decoder and degradation-free-constraint heads. Written by {written_by} for the `xpsr` package.", "",
-            f"Model settings: `{json.dumps(dataclasses.asdict(model_config), sort_keys=True)}`", ""]
-
-
-def _usage(where: str) -> list[str]:
-    return ["## Use", "", "```python", "from xpsr import XPSRPipeline", "",
-            f'pipe = XPSRPipeline.from_pretrained("{where}")',
-            'sr = pipe("lr.png", prompt="a cat on a sofa").images[0]  # x4; quality prompt: heuristic',
-            "```", "",
-            "Through diffusers' own loader, from a local copy of this folder (it runs the folder's `pipeline.py`, "
-            "which only imports the installed `xpsr`):", "",
-            "```python", "from diffusers import DiffusionPipeline", "",
-            'pipe = DiffusionPipeline.from_pretrained(FOLDER, custom_pipeline=FOLDER, trust_remote_code=True)',
-            "```", ""]
-
-
-def pipeline_card(model_config, where: str) -> str:
-    """README.md of a folder ``XPSRPipeline.save_pretrained`` / ``push_to_hub`` writes (no training record:
-    ``xpsr export`` writes the full card over it); ``where`` is the Hub id or a relative folder."""
-    meta = {"pipeline_tag": "image-to-image", "library_name": "diffusers", "tags": list(TAGS)}
-    return "\n".join(_card_head(meta, model_config, "`XPSRPipeline.save_pretrained`") + _usage(where))
-
-
 def model_card(source: Source, cfg: ExportConfig, model_config) -> str:
     """README.md: YAML metadata, what the model is, how to load it, what it was trained on, how to redo it."""
     meta = card_metadata(cfg)
-    lines = _card_head(meta, model_config, "`xpsr export`")
+    lines = card_head(meta, model_config, "`xpsr export`")
     if cfg.model.base == "tiny":
         lines += ["Base: the `tiny` preset (random weights built in code, a few MB): a model for tests and demos, "
                   "not for real photos.", ""]
     if meta["license"] == "other":
         lines += [f"Licence: the weights build on `{cfg.model.base}`; its licence applies (set the card's "
                   "`license` with `xpsr export license=...`).", ""]
-    lines += _usage(card_location(cfg.output, cfg.push_to_hub))
+    lines += usage_lines(card_location(cfg.output, cfg.push_to_hub))
     if source.kind == "trained":
         lines += _training_section(source, cfg)
     elif source.kind == "official":

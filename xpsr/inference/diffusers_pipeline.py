@@ -37,6 +37,7 @@ from PIL import Image
 from xpsr.config import InferConfig, ModelConfig, check_values
 from xpsr.inference import pipeline_args as args
 from xpsr.inference import pipeline_parts as parts
+from xpsr.inference.model_card import card_location, pipeline_card
 from xpsr.inference.pipeline import CallExtras, super_resolve
 from xpsr.inference.pipeline_parts import MODEL_CONFIG_ATTR
 from xpsr.models.controlnet import XPSRControlNet
@@ -252,7 +253,7 @@ class XPSRPipeline(DiffusionPipeline):
         if index.pop("_name_or_path", None) is not None:  # where it was loaded from: not part of the model
             (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         (out / "pipeline.py").write_text(PIPELINE_FILE)
-        from xpsr.export import card_location, pipeline_card, push_folder
+        from xpsr.export import push_folder
 
         repo_id = kwargs.pop("repo_id", out.name) if push_to_hub else None
         (out / "README.md").write_text(pipeline_card(self.xpsr_config, card_location(out, repo_id)))
@@ -266,7 +267,7 @@ class XPSRPipeline(DiffusionPipeline):
         if create_pr or subfolder:
             raise ValueError("XPSRPipeline.push_to_hub uploads a whole folder to the main branch "
                              "(create_pr / subfolder are not supported)")
-        from xpsr.export import pipeline_card, push_folder
+        from xpsr.export import push_folder
 
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / repo_id.split("/")[-1]

@@ -43,25 +43,32 @@ def part_device(device_map: Any) -> torch.device | None:
         return None
     if isinstance(device_map, dict) and set(device_map) == {""}:
         device_map = device_map[""]
-    if isinstance(device_map, int) and not isinstance(device_map, bool):
-        return torch.device(torch.accelerator.current_accelerator().type, device_map)
+    accelerator = torch.accelerator.current_accelerator()
+    if isinstance(device_map, int) and not isinstance(device_map, bool) and accelerator is not None:
+        return torch.device(accelerator.type, device_map)
     if isinstance(device_map, (str, torch.device)) and str(device_map) not in ("auto", "balanced", "sequential"):
         try:
             return torch.device(device_map)
-        except RuntimeError:
+        except RuntimeError:  # not a device name: the message below says what is accepted
             pass
     raise ValueError(f"device_map={device_map!r}: an XPSR part loads whole onto one device; pass a device "
                      "('cpu', 'cuda', 'cuda:1'), or device_map='balanced' / a device to XPSRPipeline.from_pretrained")
+
+
+def _refused(name: str, value: Any) -> bool:
+    if name == "use_safetensors":
+        return value is False
+    if name == "use_flashpack":
+        return bool(value)
+    return value is not None
 
 
 def load_part(part: str, folder: str | Path, torch_dtype: torch.dtype | None, subfolder: str | None,
               variant: str | None, device_map: Any, options: dict[str, Any]) -> torch.nn.Module:
     """One XPSR part from a local folder (``subfolder`` of it), strictly, tagged with its model settings."""
     for name, why in REFUSED_LOAD_OPTIONS.items():
-        value = options.get(name)
-        if value is not None and not (name == "use_safetensors" and value) and not (name == "use_flashpack"
-                                                                                    and not value):
-            raise ValueError(f"loading the XPSR {part}: {name}={value!r} is not supported ({why})")
+        if _refused(name, options.get(name)):
+            raise ValueError(f"loading the XPSR {part}: {name}={options[name]!r} is not supported ({why})")
     device = part_device(device_map)
     model, model_config = load_exported_part(Path(folder) / (subfolder or ""), part, torch_dtype, variant)
     tag_part(model, model_config)

@@ -107,12 +107,18 @@ def start_latents(modules, lr_cond: torch.Tensor, scheduler, timesteps: torch.Te
         latents = noise_to(z_lr, noise, timesteps[0], scheduler)
         second = torch.randn(shape, generator=generator).to(device)
         return noise_to(latents, second, cfg.added_noise_level, scheduler) * scheduler.init_noise_sigma, timesteps
+    keep = _sdedit_timesteps(scheduler, timesteps, cfg)
+    return noise_to(z_lr, noise, keep[0], scheduler), keep
+
+
+def _sdedit_timesteps(scheduler, timesteps: torch.Tensor, cfg: InferConfig) -> torch.Tensor:
+    """sdedit samples the scheduled timesteps at or below ``added_noise_level``."""
     keep = timesteps[timesteps <= cfg.added_noise_level]
     if len(keep) == 0:
         raise ValueError(f"added_noise_level={cfg.added_noise_level} is below every scheduled timestep")
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(len(timesteps) - len(keep))
-    return noise_to(z_lr, noise, keep[0], scheduler), keep
+    return keep
 
 
 def _given_start(given: torch.Tensor, shape: tuple, scheduler, timesteps: torch.Tensor, cfg: InferConfig,
@@ -123,12 +129,7 @@ def _given_start(given: torch.Tensor, shape: tuple, scheduler, timesteps: torch.
     given = given.to(device, torch.float32)
     if cfg.start_from != "sdedit":
         return given * scheduler.init_noise_sigma, timesteps
-    keep = timesteps[timesteps <= cfg.added_noise_level]
-    if len(keep) == 0:
-        raise ValueError(f"added_noise_level={cfg.added_noise_level} is below every scheduled timestep")
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(len(timesteps) - len(keep))
-    return given, keep
+    return given, _sdedit_timesteps(scheduler, timesteps, cfg)
 
 
 def guided_noise(modules, latents, t, lr_cond, content, quality, cfg: InferConfig) -> torch.Tensor:
@@ -227,8 +228,7 @@ def denoise(modules, lr_cond: torch.Tensor, c: torch.Tensor, q: torch.Tensor, cf
         if extras.on_step_end is not None:
             state = extras.on_step_end(i, t, {"latents": latents, "prompt_embeds": c, "quality_prompt_embeds": q,
                                               "image": lr_cond, "guidance_scale": cfg.guidance_scale})
-            latents, c, q, lr_cond = state["latents"], state["prompt_embeds"], state["quality_prompt_embeds"], \
-                state["image"]
+            latents, c, q, lr_cond = (state[k] for k in ("latents", "prompt_embeds", "quality_prompt_embeds", "image"))
             if state["guidance_scale"] != cfg.guidance_scale:  # e.g. diffusers' SDCFGCutoffCallback
                 cfg = dataclasses.replace(cfg, guidance_scale=state["guidance_scale"])
     return latents

@@ -211,8 +211,9 @@ def prompt_embeddings(modules, content_prompt: str, quality_prompt: str, cfg: In
 
 
 def denoise(modules, lr_cond: torch.Tensor, c: torch.Tensor, q: torch.Tensor, cfg: InferConfig, device,
-            generator: torch.Generator, extras: CallExtras, progress=None) -> torch.Tensor:
+            generator: torch.Generator, extras: CallExtras | None = None, progress=None) -> torch.Tensor:
     """The multi-step sampler: start latents, then every scheduled step with CFG; returns the final latents."""
+    extras = extras if extras is not None else CallExtras()
     scheduler = make_scheduler(cfg.scheduler, modules.scheduler.config)
     scheduler.set_timesteps(**(extras.schedule or {"num_inference_steps": cfg.num_inference_steps}), device=device)
     latents, timesteps = start_latents(modules, lr_cond, scheduler, scheduler.timesteps, cfg, generator, device,

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from xpsr.config import ModelConfig, to_dict
-from xpsr.models.checkpoint import build_exported_part, load_exported_part
+from xpsr.models.checkpoint import build_exported_part, export_diffusers, load_exported_part
 
 MODEL_CONFIG_ATTR = "xpsr_config"  # the ModelConfig travels with the loaded parts
 # diffusers passes these to every model loader; they only mean something for what XPSR parts do not do
@@ -113,8 +113,6 @@ def check_parts_together(pipe) -> None:
 
 def save_parts(pipe, out: Path, variant: str | None, max_shard_size: int | str | None) -> None:
     """The four model parts and the rest as diffusers lays a pipeline out, with ``variant`` / shards."""
-    from xpsr.models.checkpoint import export_diffusers
-
     export_diffusers(out, pipe.unet, pipe.controlnet, to_dict(pipe.xpsr_config), variant, max_shard_size)
     for name in ("vae", "text_encoder"):
         options: dict[str, Any] = {"safe_serialization": True} if name == "vae" else {}

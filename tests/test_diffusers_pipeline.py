@@ -158,7 +158,7 @@ def test_arguments_map_onto_infer_config(pipe, monkeypatch):
     with pytest.raises(ValueError, match="color_fix"):
         pipe(_lr(), color_fix="sepia")
     with pytest.raises(ValueError, match="output_type"):
-        pipe(_lr(), output_type="latent")
+        pipe(_lr(), output_type="latents")
 
 
 def test_callback_every_step_and_progress_bar(pipe, capsys):
@@ -316,6 +316,8 @@ def test_export_from_a_run_writes_a_model_card_that_says_how_to_reproduce_it(run
     assert f"`{pairs[0]}`: 3 LR/HR pairs" in card and "steps: 2 of 2" in card
     assert "xpsr train --config xpsr_train_config.yaml output_dir=runs/reproduce" in card
     assert "xpsr export weights=runs/reproduce output=OUT" in card
+    # the usage snippet names the folder relatively, never this machine's absolute path (issue 15)
+    assert 'XPSRPipeline.from_pretrained("./xpsr-tiny")' in card and str(exported) not in card
     # the stored training config is a valid `xpsr train` config, so the command above runs
     cfg = load_config(TrainConfig, exported / "xpsr_train_config.yaml", ["output_dir=elsewhere"])
     assert cfg.max_steps == 2 and cfg.data.pairs == pairs
@@ -337,6 +339,7 @@ def test_export_refuses_to_overwrite_and_pushing_offline_keeps_the_folder(run_di
     assert main(["export", f"weights={run_dir[0]}", f"output={out}", "push_to_hub=someone/xpsr-tiny"]) == 1
     err = capsys.readouterr().err
     assert "could not push" in err and f"hf upload someone/xpsr-tiny {out}" in err
+    assert 'XPSRPipeline.from_pretrained("someone/xpsr-tiny")' in (out / "README.md").read_text()
     assert XPSRPipeline.from_pretrained(out).xpsr_config == run_dir[1].config
 
 

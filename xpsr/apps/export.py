@@ -12,10 +12,10 @@ from typing import Any
 import yaml
 
 from xpsr.config import ExportConfig, InferConfig
+from xpsr.inference.model_card import TAGS, card_head, card_location, usage_lines
 from xpsr.models.hub import HubPushError, push_folder  # noqa: F401 - re-exported (export API)
 
 TRAIN_CONFIG_FILE = "xpsr_train_config.yaml"  # the stored training config, copied beside the weights
-TAGS = ["super-resolution", "image-super-resolution", "xpsr", "controlnet", "stable-diffusion", "diffusers"]
 
 
 @dataclasses.dataclass
@@ -128,28 +128,14 @@ def _training_section(source: Source, cfg: ExportConfig) -> list[str]:
 def model_card(source: Source, cfg: ExportConfig, model_config) -> str:
     """README.md: YAML metadata, what the model is, how to load it, what it was trained on, how to redo it."""
     meta = card_metadata(cfg)
-    where = cfg.push_to_hub or cfg.output
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
-             "# XPSR super-resolution model", "",
-             "XPSR (Qu et al., ECCV 2024, arXiv:2403.05049): Stable Diffusion with a ControlNet carrying "
-             "Semantic-Fusion Attention over a content and a quality prompt, pixel-aware attention in the UNet "
-             "decoder and degradation-free-constraint heads. Written by `xpsr export` for the `xpsr` package.", "",
-             f"Model settings: `{json.dumps(dataclasses.asdict(model_config), sort_keys=True)}`", ""]
+    lines = card_head(meta, model_config, "`xpsr export`")
     if cfg.model.base == "tiny":
         lines += ["Base: the `tiny` preset (random weights built in code, a few MB): a model for tests and demos, "
                   "not for real photos.", ""]
     if meta["license"] == "other":
         lines += [f"Licence: the weights build on `{cfg.model.base}`; its licence applies (set the card's "
                   "`license` with `xpsr export license=...`).", ""]
-    lines += ["## Use", "", "```python", "from xpsr import XPSRPipeline", "",
-              f'pipe = XPSRPipeline.from_pretrained("{where}")',
-              'sr = pipe("lr.png", prompt="a cat on a sofa").images[0]  # x4; quality prompt: heuristic',
-              "```", "",
-              "Through diffusers' own loader, from a local copy of this folder (it runs the folder's `pipeline.py`, "
-              "which only imports the installed `xpsr`):", "",
-              "```python", "from diffusers import DiffusionPipeline", "",
-              'pipe = DiffusionPipeline.from_pretrained(FOLDER, custom_pipeline=FOLDER, trust_remote_code=True)',
-              "```", ""]
+    lines += usage_lines(card_location(cfg.output, cfg.push_to_hub))
     if source.kind == "trained":
         lines += _training_section(source, cfg)
     elif source.kind == "official":

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers import (
     AutoencoderKL,
-    ControlNetModel,
     DDIMScheduler,
     DDPMScheduler,
     DiffusionPipeline,
@@ -32,19 +31,21 @@ from diffusers import (
 )
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from PIL import Image
 
-from xpsr.config import InferConfig, ModelConfig, check_values, to_dict
+from xpsr.config import InferConfig, ModelConfig, check_values
+from xpsr.inference import pipeline_args as args
+from xpsr.inference import pipeline_parts as parts
 from xpsr.inference.image_inputs import to_uint8_images, to_uint8_rgb  # noqa: F401 - to_uint8_rgb re-exported
 from xpsr.inference.limits import checked
-from xpsr.inference.pipeline import super_resolve
-from xpsr.models.checkpoint import export_diffusers, load_exported_part
+from xpsr.inference.model_card import card_location, pipeline_card
+from xpsr.inference.pipeline import CallExtras, super_resolve
+from xpsr.inference.pipeline_parts import MODEL_CONFIG_ATTR
 from xpsr.models.controlnet import XPSRControlNet
+from xpsr.models.pixel_attention import XPSRUNet
 
 MODULE = __name__
 # model_index.json entries of the two XPSR parts: diffusers calls ``from_pretrained(FOLDER/part)`` on these.
 COMPONENT_ENTRIES = {"unet": [MODULE, "XPSRUNetLoader"], "controlnet": [MODULE, "XPSRControlNetLoader"]}
-MODEL_CONFIG_ATTR = "xpsr_config"  # the ModelConfig travels with the loaded ControlNet
 SCHEDULER_NAMES = {DDPMScheduler: "ddpm", DDIMScheduler: "ddim", UniPCMultistepScheduler: "unipc",
                    DPMSolverMultistepScheduler: "dpmsolver++"}
 # InferConfig keys that describe a folder run, not one call (the pipeline has its own way for each).
@@ -64,14 +65,27 @@ class _XPSRPartLoader(ModelMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype: torch.dtype | None = None,
+                        subfolder: str | None = None, variant: str | None = None, device_map: Any = None,
                         **kwargs: Any) -> ModelMixin:
-        unsupported = {k: v for k, v in kwargs.items()
-                       if k in ("device_map", "variant", "quantization_config", "subfolder") and v is not None}
-        if unsupported:
-            raise ValueError(f"loading the XPSR {cls.part} does not support {sorted(unsupported)}")
-        model, model_config = load_exported_part(pretrained_model_name_or_path, cls.part, torch_dtype)
-        setattr(model, MODEL_CONFIG_ATTR, model_config)
-        return model
+        """The part from an exported folder, a pipeline folder with ``subfolder=``, a folder its own
+        ``save_pretrained`` wrote, or a Hub id; strict (see :func:`~xpsr.models.checkpoint.load_exported_part`).
+        ``device_map``: one device (diffusers' pipeline loader passes its placement here)."""
+        path = str(pretrained_model_name_or_path)
+        if not Path(path).is_dir():
+            path = _download(path, kwargs, [f"{subfolder}/*"] if subfolder else None)
+        return parts.load_part(cls.part, path, torch_dtype, subfolder, variant, device_map, kwargs)
+
+    @classmethod
+    def load_config(cls, pretrained_model_name_or_path, return_unused_kwargs: bool = False,
+                    return_commit_hash: bool = False, subfolder: str | None = None, **kwargs: Any):
+        """diffusers' ``device_map="balanced"`` sizes each part from its config before loading."""
+        config = parts.part_config(pretrained_model_name_or_path, subfolder)
+        extra = ([{}] if return_unused_kwargs else []) + ([None] if return_commit_hash else [])
+        return (config, *extra) if extra else config
+
+    @classmethod
+    def from_config(cls, config: dict, **kwargs: Any) -> ModelMixin:
+        return parts.empty_part(config, cls.part)
 
 
 class XPSRUNetLoader(_XPSRPartLoader):
@@ -104,12 +118,6 @@ def infer_config(**options: Any) -> InferConfig:
     return cfg
 
 
-def _per_image(value: Any, n: int, name: str) -> list:
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise ValueError(f"{name} has {len(value)} entries for {n} images")
-        return list(value)
-    return [value] * n
 
 
 class XPSRPipeline(DiffusionPipeline):
@@ -120,13 +128,23 @@ class XPSRPipeline(DiffusionPipeline):
     # The ControlNet runs at every step with the UNet, so it is hooked on its own (as diffusers' ControlNet
     # pipelines do) instead of being swapped out of the accelerator between them.
     model_cpu_offload_seq = "text_encoder->unet->vae"
+    _callback_tensor_inputs = args.CALLBACK_TENSOR_INPUTS
+    # per-call state diffusers' callbacks read and set (SDCFGCutoffCallback sets _guidance_scale)
+    _guidance_scale = InferConfig.guidance_scale
+    _interrupt = False
+    _cross_attention_kwargs: dict | None = None
+    _extras: CallExtras | None = None
 
+    # The annotations name the classes the parts really have: from_pipe keeps only parts whose type matches.
     def __init__(self, vae: AutoencoderKL, text_encoder: torch.nn.Module, tokenizer: Any,
-                 unet: UNet2DConditionModel, controlnet: ControlNetModel, scheduler: DDPMScheduler):
+                 unet: UNet2DConditionModel | XPSRUNet, controlnet: XPSRControlNet, scheduler: DDPMScheduler):
         super().__init__()
-        if not isinstance(controlnet, XPSRControlNet) or getattr(controlnet, MODEL_CONFIG_ATTR, None) is None:
+        model_config = getattr(controlnet, MODEL_CONFIG_ATTR, None)
+        if not isinstance(controlnet, XPSRControlNet) or model_config is None:
             raise TypeError("XPSRPipeline needs an XPSR ControlNet with its model settings: build the pipeline with "
                             "XPSRPipeline.from_pretrained(folder) or XPSRPipeline.from_modules(modules)")
+        for part in (unet, controlnet):  # so that pipe.unet.save_pretrained(d) writes a folder our loader reads
+            parts.tag_part(part, model_config)
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                               controlnet=controlnet, scheduler=scheduler)
         self.register_to_config(**COMPONENT_ENTRIES)
@@ -136,6 +154,27 @@ class XPSRPipeline(DiffusionPipeline):
     def xpsr_config(self) -> ModelConfig:
         """The XPSR model settings (fusion mode, DFC heads, ...) the parts were built with."""
         return getattr(self.controlnet, MODEL_CONFIG_ATTR)
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self) -> int:
+        """Steps of the image being sampled (1 in one-step mode), as diffusers' callbacks read it."""
+        return self._extras.num_timesteps if self._extras is not None else 0
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    @property
+    def cross_attention_kwargs(self) -> dict | None:
+        return self._cross_attention_kwargs
 
     @classmethod
     def from_modules(cls, modules) -> XPSRPipeline:
@@ -147,37 +186,67 @@ class XPSRPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> XPSRPipeline:
         """diffusers' loader, strict for the XPSR parts. A Hub id is fetched with ``snapshot_download`` first:
-        diffusers' own download step refuses component classes from outside diffusers/transformers."""
+        diffusers' own download step refuses component classes from outside diffusers/transformers.
+        ``device_map``: diffusers' pipeline values ("balanced", "cpu", its accelerator) as long as every part
+        lands on one device (the ControlNet and the UNet run together at every step)."""
         path = str(pretrained_model_name_or_path)
         if not Path(path).is_dir():
             path = _download(path, kwargs)
-        return super().from_pretrained(path, **kwargs)
+        parts.check_pipeline_device_map(kwargs.get("device_map"))
+        pipe = super().from_pretrained(path, **kwargs)
+        parts.check_parts_together(pipe)
+        return pipe
 
-    def save_pretrained(self, save_directory, safe_serialization: bool = True, push_to_hub: bool = False,
-                        **kwargs) -> None:
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None,
+                        max_shard_size: int | str | None = None, push_to_hub: bool = False, **kwargs) -> None:
         """Write the diffusers folder: ``unet/`` + ``controlnet/`` in our export format, the other parts with
-        their own ``save_pretrained``, ``model_index.json``, and ``pipeline.py`` for diffusers' custom-pipeline
-        loader. ``push_to_hub=True, repo_id=...`` uploads the folder afterwards."""
+        their own ``save_pretrained``, ``model_index.json``, ``pipeline.py`` for diffusers' custom-pipeline
+        loader and a model card (``README.md``). ``variant`` / ``max_shard_size`` name and split the weight
+        files as diffusers does. ``push_to_hub=True, repo_id=...`` uploads the folder afterwards."""
         if not safe_serialization:
-            raise ValueError("XPSR pipelines are saved as safetensors only")
+            raise ValueError("XPSR pipelines are saved as safetensors only (safe_serialization=False would write "
+                             "pickle files, which loading can run code from)")
         bad = set(kwargs) - {"repo_id", "token", "private", "commit_message"}
         if bad or (kwargs and not push_to_hub):
             raise TypeError(f"XPSRPipeline.save_pretrained does not take {sorted(bad or kwargs)}")
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
-        export_diffusers(out, self.unet, self.controlnet, to_dict(self.xpsr_config))
-        for name in ("vae", "text_encoder", "tokenizer", "scheduler"):
-            getattr(self, name).save_pretrained(out / name)
+        parts.save_parts(self, out, variant, max_shard_size)
         self.register_to_config(**COMPONENT_ENTRIES)  # a component set since __init__ re-registered itself
         self.save_config(out)
         index = json.loads((out / "model_index.json").read_text())
         if index.pop("_name_or_path", None) is not None:  # where it was loaded from: not part of the model
             (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         (out / "pipeline.py").write_text(PIPELINE_FILE)
-        if push_to_hub:
-            from xpsr.models.hub import push_folder
+        from xpsr.models.hub import push_folder
 
-            push_folder(out, kwargs.pop("repo_id", out.name), **kwargs)
+        repo_id = kwargs.pop("repo_id", out.name) if push_to_hub else None
+        (out / "README.md").write_text(pipeline_card(self.xpsr_config, card_location(out, repo_id)))
+        if push_to_hub:
+            push_folder(out, repo_id, **kwargs)
+
+    def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
+                    token: str | None = None, create_pr: bool = False, safe_serialization: bool = True,
+                    variant: str | None = None, subfolder: str | None = None) -> str:
+        """Save to a temporary folder (model card included, its snippet naming ``repo_id``) and upload it."""
+        if create_pr or subfolder:
+            raise ValueError("XPSRPipeline.push_to_hub uploads a whole folder to the main branch "
+                             "(create_pr / subfolder are not supported)")
+        from xpsr.models.hub import push_folder
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / repo_id.split("/")[-1]
+            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
+            (folder / "README.md").write_text(pipeline_card(self.xpsr_config, repo_id))
+            return push_folder(folder, repo_id, token=token, private=private, commit_message=commit_message)
+
+    def enable_vae_slicing(self) -> None:
+        """diffusers' switch: the VAE decodes a batch one image at a time. XPSR always encodes and decodes one
+        image at a time, so this changes neither the result nor the memory; kept for scripts that call it."""
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        self.vae.disable_slicing()
 
     def enable_vae_tiling(self, tile_size: int = InferConfig.vae_tile) -> None:
         """Encode/decode through our tiled VAE path (``InferConfig.vae_tile``) above ``tile_size`` px; on by
@@ -199,13 +268,19 @@ class XPSRPipeline(DiffusionPipeline):
         return name
 
     @torch.no_grad()
-    def __call__(self, image: Any, prompt: str | list[str] | None = None,
-                 quality_prompt: str | list[str] | None = None,
-                 num_inference_steps: int = InferConfig.num_inference_steps,
-                 guidance_scale: float = InferConfig.guidance_scale, negative_prompt: str | None = None,
-                 negative_quality_prompt: str | None = None,
-                 generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil",
-                 return_dict: bool = True, callback_on_step_end=None,
+    def __call__(self, image: Any = None, prompt: str | list[str] | None = None,
+                 quality_prompt: str | list[str] | None = None, num_inference_steps: int | None = None,
+                 timesteps: list[int] | None = None, sigmas: list[float] | None = None,
+                 guidance_scale: float | None = None, negative_prompt: str | list[str] | None = None,
+                 negative_quality_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
+                 eta: float | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
+                 latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
+                 negative_prompt_embeds: torch.Tensor | None = None,
+                 quality_prompt_embeds: torch.Tensor | None = None,
+                 negative_quality_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil",
+                 return_dict: bool = True, cross_attention_kwargs: dict[str, Any] | None = None,
+                 controlnet_conditioning_scale: float | None = None, clip_skip: int | None = None,
+                 callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",), **options):
         """Super-resolve ``image`` (a path, PIL image, HWC array, (C, H, W) tensor, or a list / 4-D batch of them;
         value ranges as diffusers': :mod:`xpsr.inference.image_inputs`); ``xpsr infer`` gives the same bytes for the
@@ -213,69 +288,73 @@ class XPSRPipeline(DiffusionPipeline):
 
         ``prompt`` is the content prompt (None: empty, as ``xpsr infer`` without a caption); ``quality_prompt``
         None: the offline heuristic captioner's sentence for the image. ``negative_prompt`` /
-        ``negative_quality_prompt`` None: the official ones. ``generator``: a CPU ``torch.Generator`` (one, or
-        one per image); None: seeded with ``seed`` (default 0) for every image, as ``xpsr infer``. Any other
-        ``InferConfig`` key is an option (``scheduler=`` defaults to the class of ``pipe.scheduler``,
+        ``negative_quality_prompt`` None: the official ones. ``*_prompt_embeds`` replace the matching text
+        (``prompt_embeds`` the content prompt, ``quality_prompt_embeds`` the quality prompt). ``generator``: a CPU
+        ``torch.Generator`` (one, or one per image or output); None: seeded with ``seed`` (default 0) for every
+        image, as ``xpsr infer``. ``num_inference_steps`` / ``guidance_scale`` None: ``xpsr infer``'s defaults.
+        Any other ``InferConfig`` key is an option (``scheduler=`` defaults to the class of ``pipe.scheduler``,
         ``vae_tile=`` to what ``enable_vae_tiling`` set, e.g. ``upscale=4, process_size=512,
-        color_fix="adain", start_from="lr"``). ``callback_on_step_end(pipe, step, timestep, {"latents": ...})``
-        runs after every step; a ``"latents"`` entry in the dict it returns replaces the latents.
-        ``output_type``: "pil" (list of images), "np" (float32 NHWC in [0, 1]) or "pt" (float32 NCHW)."""
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', not {output_type!r}")
-        if hasattr(callback_on_step_end, "tensor_inputs"):  # diffusers' PipelineCallback objects
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        if set(callback_on_step_end_tensor_inputs) - {"latents"}:
-            raise ValueError("callback tensor inputs can only be ['latents'], got "
-                             f"{list(callback_on_step_end_tensor_inputs)}")
-        options.setdefault("scheduler", self._scheduler_name())
-        options.setdefault("vae_tile", self._vae_tile)
-        if negative_prompt is not None:
-            options["negative_prompt"] = negative_prompt
-        if negative_quality_prompt is not None:
-            options["negative_quality_prompt"] = negative_quality_prompt
-        cfg = infer_config(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, **options)
-
+        color_fix="adain", start_from="lr"``). The other diffusers arguments follow diffusers (docs: the
+        pipeline page's convention table, :data:`~xpsr.inference.pipeline_args.CONVENTIONS`).
+        ``output_type``: "pil" (list of images), "np" (float32 NHWC in [0, 1]), "pt" (float32 NCHW) or "latent"."""
+        given = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "timesteps": timesteps,
+                 "sigmas": sigmas, "eta": eta, "latents": latents, "negative_prompt": negative_prompt,
+                 "negative_quality_prompt": negative_quality_prompt, "prompt_embeds": prompt_embeds,
+                 "negative_prompt_embeds": negative_prompt_embeds, "quality_prompt_embeds": quality_prompt_embeds,
+                 "negative_quality_prompt_embeds": negative_quality_prompt_embeds, "clip_skip": clip_skip}
+        cfg = self._call_config(image, prompt, quality_prompt, given, output_type, controlnet_conditioning_scale,
+                                options)
+        names = list(getattr(callback_on_step_end, "tensor_inputs", callback_on_step_end_tensor_inputs))
+        if set(names) - set(self._callback_tensor_inputs):
+            raise ValueError(f"callback tensor inputs must be among {self._callback_tensor_inputs}, got {names}")
         images = to_uint8_images(image)  # ranges per input type: xpsr.inference.image_inputs
         sources = image if isinstance(image, (list, tuple)) and len(image) == len(images) else [image] * len(images)
         images = [checked(a, s, cfg) for a, s in zip(images, sources)]  # the size limits of every face
-        prompts = _per_image(prompt, len(images), "prompt")
-        qualities = _per_image(quality_prompt, len(images), "quality_prompt")
-        generators = _per_image(generator, len(images), "generator")
-        for g in generators:
-            if g is not None and g.device.type != "cpu":
-                raise ValueError("XPSR draws its noise on the CPU (the same numbers on every device): pass "
-                                 "torch.Generator() seeded on the CPU")
-
-        def step_end(i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-            returned = callback_on_step_end(self, i, t, {"latents": latents}) or {}
-            return returned.get("latents", latents)
-
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer, not {num_images_per_prompt!r}")
+        texts = {"prompt": prompt, "quality_prompt": quality_prompt}
+        jobs = args.plan_jobs(self, images, texts, cfg, given, generator, num_images_per_prompt,
+                              output_type == "latent", callback_on_step_end, names)
         offload_hook = getattr(self.vae, "_hf_hook", None)
         if offload_hook is not None:
             # enable_model_cpu_offload hooks forward/encode/decode; a tiled VAE path may call the VAE's
             # submodules directly, so the VAE goes to the execution device for the whole call.
             offload_hook.pre_forward(self.vae)
+        self._interrupt, self._cross_attention_kwargs = False, cross_attention_kwargs
         outputs = []
-        for lr, content, quality, g in zip(images, prompts, qualities, generators):
-            if quality is None:
-                from xpsr.captions.heuristic import describe, measure
-
-                quality = describe(measure(lr))
-            outputs.append(super_resolve(self, lr, content or "", quality, cfg, self._execution_device,
-                                         generator=g, progress=self.progress_bar,
-                                         on_step_end=step_end if callback_on_step_end else None))
+        try:
+            for job in jobs:
+                self._extras, self._guidance_scale = job.extras, job.cfg.guidance_scale
+                outputs.append(super_resolve(self, job.lr, job.content, job.quality, job.cfg, self._execution_device,
+                                             generator=job.generator, extras=job.extras,
+                                             progress=self.progress_bar))
+        finally:
+            self._cross_attention_kwargs = None  # only this call's attention processors see them
         self.maybe_free_model_hooks()
-        result = _format(outputs, output_type)
+        result = args.to_images(outputs, output_type)
         return ImagePipelineOutput(images=result) if return_dict else (result,)
 
-
-def _format(outputs: list[np.ndarray], output_type: str):
-    if output_type == "pil":
-        return [Image.fromarray(o) for o in outputs]
-    if len({o.shape for o in outputs}) > 1:
-        raise ValueError("images of different sizes can only be returned with output_type='pil'")
-    batch = np.stack(outputs).astype(np.float32) / 255.0
-    return batch if output_type == "np" else torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
+    def _call_config(self, image: Any, prompt: Any, quality_prompt: Any, given: dict[str, Any], output_type: str,
+                     controlnet_conditioning_scale: Any, options: dict[str, Any]) -> InferConfig:
+        """The call's InferConfig from the standard arguments and the options; refuses what XPSR does not take."""
+        args.refuse_unsupported(options)
+        args.check_image_and_prompt(image, prompt)
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', not {output_type!r}")
+        texts = {"prompt": prompt, "quality_prompt": quality_prompt, "negative_prompt": given["negative_prompt"],
+                 "negative_quality_prompt": given["negative_quality_prompt"]}
+        for text, value in texts.items():
+            if value is not None and given[f"{text}_embeds"] is not None:
+                raise ValueError(f"pass {text} or {text}_embeds, not both")
+        args.conditioning_alias(options, controlnet_conditioning_scale)
+        options.setdefault("scheduler", self._scheduler_name())
+        options.setdefault("vae_tile", self._vae_tile)
+        for name in ("num_inference_steps", "guidance_scale", "negative_prompt", "negative_quality_prompt"):
+            if isinstance(given[name], (int, float, str)):  # lists: one per image, set per image below
+                options[name] = given[name]
+        cfg = infer_config(**options)
+        args.warn_onestep_ignores(cfg, given)
+        return cfg
 
 
 def _download(repo_id: str, kwargs: dict) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +27,23 @@ from xpsr.models.text import encode_prompts
 
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "unipc": UniPCMultistepScheduler,
               "dpmsolver++": DPMSolverMultistepScheduler}
+
+
+@dataclasses.dataclass
+class CallExtras:
+    """What diffusers' calling conventions add to one :func:`super_resolve` call (``XPSRPipeline`` only; the
+    defaults change nothing, so ``xpsr infer`` and the other faces never pass it)."""
+
+    embeds: tuple[torch.Tensor, torch.Tensor] | None = None  # (content, quality) as prompt_embeddings gives them
+    latents: torch.Tensor | None = None  # the start, in place of the one start_from draws
+    schedule: dict[str, Any] = dataclasses.field(default_factory=dict)  # set_timesteps keywords (timesteps=, sigmas=)
+    step_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # scheduler.step keywords (eta=, generator=)
+    decode: bool = True  # False: return the final latents (output_type="latent")
+    # after each step: (i, t, state) -> state; state = latents, prompt_embeds, quality_prompt_embeds, image,
+    # guidance_scale, and what it returns is sampled on
+    on_step_end: Callable[[int, torch.Tensor, dict[str, Any]], dict[str, Any]] | None = None
+    interrupted: Callable[[], bool] = lambda: False  # True: skip the remaining steps, decode what there is
+    num_timesteps: int = 0  # set by the sampler: how many steps this image gets
 
 
 def make_scheduler(name: str, base_config, base_class: type | None = None):
@@ -73,15 +91,20 @@ def lr_latents(modules, lr_cond: torch.Tensor, cfg: InferConfig, generator: torc
 
 
 def start_latents(modules, lr_cond: torch.Tensor, scheduler, timesteps: torch.Tensor, cfg: InferConfig,
-                  generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+                  generator: torch.Generator, device,
+                  given: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(initial latents, timesteps to sample) for ``cfg.start_from``.
 
     lr (official XPSR/PASD): z_lr noised to the first scheduled timestep, then noised again to
     ``added_noise_level``; every scheduled step is sampled. sdedit: z_lr noised once to
     ``added_noise_level``; sampling starts at the first scheduled timestep at or below it. noise: N(0, I).
-    Draws from ``generator`` in the official order: posterior sample, first noise, second noise."""
+    Draws from ``generator`` in the official order: posterior sample, first noise, second noise.
+    ``given`` (diffusers' ``latents=``) replaces what would be drawn and noised: scaled by ``init_noise_sigma``
+    for noise/lr (as diffusers scales its ``latents``), as is for sdedit; no draw is made."""
     f = vae_scale_factor(modules.vae)
     shape = (1, modules.unet.config.in_channels, lr_cond.shape[-2] // f, lr_cond.shape[-1] // f)
+    if given is not None:
+        return _given_start(given, shape, scheduler, timesteps, cfg, device)
     if cfg.start_from == "noise":
         return torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma, timesteps
     if not 0 <= cfg.added_noise_level < len(scheduler.alphas_cumprod):
@@ -93,20 +116,39 @@ def start_latents(modules, lr_cond: torch.Tensor, scheduler, timesteps: torch.Te
         latents = noise_to(z_lr, noise, timesteps[0], scheduler)
         second = torch.randn(shape, generator=generator).to(device)
         return noise_to(latents, second, cfg.added_noise_level, scheduler) * scheduler.init_noise_sigma, timesteps
+    keep = _sdedit_timesteps(scheduler, timesteps, cfg)
+    return noise_to(z_lr, noise, keep[0], scheduler), keep
+
+
+def _sdedit_timesteps(scheduler, timesteps: torch.Tensor, cfg: InferConfig) -> torch.Tensor:
+    """sdedit samples the scheduled timesteps at or below ``added_noise_level``."""
     keep = timesteps[timesteps <= cfg.added_noise_level]
     if len(keep) == 0:
         raise ValueError(f"added_noise_level={cfg.added_noise_level} is below every scheduled timestep")
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(len(timesteps) - len(keep))
-    return noise_to(z_lr, noise, keep[0], scheduler), keep
+    return keep
+
+
+def _given_start(given: torch.Tensor, shape: tuple, scheduler, timesteps: torch.Tensor, cfg: InferConfig,
+                 device) -> tuple[torch.Tensor, torch.Tensor]:
+    if tuple(given.shape) != shape:
+        raise ValueError(f"latents must have shape {shape} for this image (its processing size / VAE factor), "
+                         f"got {tuple(given.shape)}")
+    given = given.to(device, torch.float32)
+    if cfg.start_from != "sdedit":
+        return given * scheduler.init_noise_sigma, timesteps
+    return given, _sdedit_timesteps(scheduler, timesteps, cfg)
 
 
 def guided_noise(modules, latents, t, lr_cond, content, quality, cfg: InferConfig) -> torch.Tensor:
     """CFG noise prediction; both prompt embeddings are batched [negative; positive] for ControlNet and UNet.
     Large latents are predicted tile by tile (``latent_tiling``) and blended before the guidance, as the
-    official pipeline does."""
+    official pipeline does. ``modules.cross_attention_kwargs`` (set by XPSRPipeline for one call, as
+    diffusers pipelines keep it) reaches every attention processor of the ControlNet and the UNet."""
     dtype = next(modules.unet.parameters()).dtype
     guided = cfg.guidance_scale > 1.0
+    attention_kwargs = getattr(modules, "cross_attention_kwargs", None)
     f = vae_scale_factor(modules.vae)
 
     def window(y: int, x: int, h: int, w: int) -> torch.Tensor:
@@ -115,7 +157,8 @@ def guided_noise(modules, latents, t, lr_cond, content, quality, cfg: InferConfi
         if guided:
             z, cond = torch.cat([z, z]), torch.cat([cond, cond])
         eps, _ = predict_noise(modules.unet, modules.controlnet, z.to(dtype), t.expand(z.shape[0]), content,
-                               quality, cond.to(dtype), conditioning_scale=cfg.conditioning_scale)
+                               quality, cond.to(dtype), conditioning_scale=cfg.conditioning_scale,
+                               cross_attention_kwargs=attention_kwargs)
         return eps.float()
 
     h, w = latents.shape[-2:]
@@ -177,19 +220,28 @@ def prompt_embeddings(modules, content_prompt: str, quality_prompt: str, cfg: In
 
 
 def denoise(modules, lr_cond: torch.Tensor, c: torch.Tensor, q: torch.Tensor, cfg: InferConfig, device,
-            generator: torch.Generator, on_step_end=None, progress=None) -> torch.Tensor:
+            generator: torch.Generator, extras: CallExtras | None = None, progress=None) -> torch.Tensor:
     """The multi-step sampler: start latents, then every scheduled step with CFG; returns the final latents."""
+    extras = extras if extras is not None else CallExtras()
     scheduler = make_scheduler(cfg.scheduler, modules.scheduler.config, type(modules.scheduler))
-    scheduler.set_timesteps(cfg.num_inference_steps, device=device)
-    latents, timesteps = start_latents(modules, lr_cond, scheduler, scheduler.timesteps, cfg, generator, device)
+    scheduler.set_timesteps(**(extras.schedule or {"num_inference_steps": cfg.num_inference_steps}), device=device)
+    latents, timesteps = start_latents(modules, lr_cond, scheduler, scheduler.timesteps, cfg, generator, device,
+                                       given=extras.latents)
+    extras.num_timesteps = len(timesteps)
     for i, t in enumerate(progress(timesteps) if progress else timesteps):
+        if extras.interrupted():  # diffusers' pipe.interrupt: the remaining steps are skipped
+            break
         model_in = scheduler.scale_model_input(latents, t)
         eps = guided_noise(modules, model_in, t, lr_cond, c, q, cfg)
         # the seeded generator for any step that draws noise (DDPM, SDE DPM-Solver, DDIM with eta > 0)
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-        latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
-        if on_step_end is not None:
-            latents = on_step_end(i, t, latents)
+        latents = scheduler.step(eps, t, latents, **{**step_kwargs, **extras.step_kwargs}).prev_sample
+        if extras.on_step_end is not None:
+            state = extras.on_step_end(i, t, {"latents": latents, "prompt_embeds": c, "quality_prompt_embeds": q,
+                                              "image": lr_cond, "guidance_scale": cfg.guidance_scale})
+            latents, c, q, lr_cond = (state[k] for k in ("latents", "prompt_embeds", "quality_prompt_embeds", "image"))
+            if state["guidance_scale"] != cfg.guidance_scale:  # e.g. diffusers' SDCFGCutoffCallback
+                cfg = dataclasses.replace(cfg, guidance_scale=state["guidance_scale"])
     return latents
 
 
@@ -210,24 +262,41 @@ def onestep_latents(modules, lr_cond: torch.Tensor, c: torch.Tensor, q: torch.Te
 @torch.no_grad()
 def super_resolve(modules, lr: np.ndarray, content_prompt: str, quality_prompt: str, cfg: InferConfig,
                   device: torch.device, *, generator: torch.Generator | None = None,
-                  on_step_end: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                  progress: Callable[[Iterable], Iterable] | None = None) -> np.ndarray:
+                  extras: CallExtras | None = None,
+                  progress: Callable[[Iterable], Iterable] | None = None) -> np.ndarray | torch.Tensor:
     """RGB uint8 LR (h, w, 3) -> RGB uint8 SR (h*upscale, w*upscale, 3), by the multi-step sampler or
     (``mode=onestep``) one call of a one-step student. ``cfg``'s mode, t* and LR latent left ``None`` are those
     the weights were trained under (:mod:`xpsr.inference.trained_settings`), so every face runs them alike.
 
     Hooks for the diffusers face (``XPSRPipeline``), all optional: ``generator`` (a CPU generator) replaces
-    the one seeded with ``cfg.seed``; ``on_step_end(i, t, latents)`` runs after each step and returns the
-    latents to go on with; ``progress`` wraps the timesteps (a progress bar)."""
+    the one seeded with ``cfg.seed``; ``extras`` (:class:`CallExtras`): given embeddings/latents, custom
+    timesteps, step callback, interruption, and ``decode=False`` to return the final latents instead of an
+    image; ``progress`` wraps the timesteps (a progress bar)."""
     cfg = resolve_settings(cfg, settings_of(modules))
     generator = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
+    extras = extras if extras is not None else CallExtras()
     (th, tw), _ = output_size(lr.shape[0], lr.shape[1], cfg)
     lr_cond = condition_image(lr, cfg, device, vae_scale_factor(modules.vae))
-    c, q = prompt_embeddings(modules, content_prompt, quality_prompt, cfg, device)
+    if extras.embeds is not None:
+        c, q = extras.embeds
+    else:
+        c, q = prompt_embeddings(modules, content_prompt, quality_prompt, cfg, device)
     if cfg.mode == "onestep":
         latents = onestep_latents(modules, lr_cond, c, q, cfg, generator)
+        extras.num_timesteps = 1
+        if extras.on_step_end is not None:  # one step, one callback
+            state = {"latents": latents, "prompt_embeds": c, "quality_prompt_embeds": q, "image": lr_cond,
+                     "guidance_scale": 1.0}
+            latents = extras.on_step_end(0, torch.tensor(_onestep_t(modules, cfg)), state)["latents"]
     else:
-        latents = denoise(modules, lr_cond, c, q, cfg, device, generator, on_step_end, progress)
+        latents = denoise(modules, lr_cond, c, q, cfg, device, generator, extras, progress)
+    if not extras.decode:
+        return latents
     image = (vae_decode(modules.vae, latents, cfg.vae_decoder_tile, **vae_tile_options(cfg)) + 1) / 2
     image = fix_colors(image.clamp(0, 1), lr_cond.float(), cfg.color_fix, cfg.color_fix_8bit)
     return final_resize(image, (th, tw), cfg)
+
+
+def _onestep_t(modules, cfg: InferConfig) -> int:
+    """t* of a one-step call (for the step callback): ``cfg`` is resolved, so it is the one onestep_latents uses."""
+    return int(cfg.onestep_timestep)

@@ -174,8 +174,60 @@ def load_trained(path: str | Path, unet: nn.Module, controlnet: nn.Module) -> di
     return config
 
 
-def export_diffusers(output_dir: str | Path, unet: nn.Module, controlnet: nn.Module, model_config: dict) -> Path:
-    """Write ``unet/`` and ``controlnet/`` folders (config.json + diffusion_pytorch_model.safetensors).
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # diffusers' file names for a model folder
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+
+
+def with_variant(name: str, variant: str | None) -> str:
+    """diffusers' naming of a weights variant: the variant goes before the last extension
+    (``diffusion_pytorch_model.fp16.safetensors``, ``....safetensors.index.fp16.json``)."""
+    if not variant:
+        return name
+    stem, ext = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{ext}"
+
+
+def save_part_weights(tensors: dict[str, torch.Tensor], folder: Path, variant: str | None = None,
+                      max_shard_size: int | str | None = None) -> list[str]:
+    """Write one model's weights as diffusers lays them out: one safetensors file, or shards of at most
+    ``max_shard_size`` plus their index (diffusers' default limit, 10GB, when None). Returns the file names."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    name = with_variant(WEIGHTS_NAME, variant)
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size or "10GB",
+                                               filename_pattern=name.replace(".safetensors", "{suffix}.safetensors"))
+    for filename, keys in split.filename_to_tensors.items():
+        _atomic_save({k: tensors[k] for k in keys}, folder / filename, {"format": "pt"})
+    files = list(split.filename_to_tensors)
+    if split.is_sharded:
+        index = {"metadata": dict(split.metadata), "weight_map": split.tensor_to_filename}
+        files.append(with_variant(INDEX_NAME, variant))
+        (folder / files[-1]).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return files
+
+
+def read_part_weights(folder: Path, part: str, variant: str | None = None) -> dict[str, torch.Tensor]:
+    """The weights of one model folder, whole or sharded (with its index), of the given variant."""
+    single, index = folder / with_variant(WEIGHTS_NAME, variant), folder / with_variant(INDEX_NAME, variant)
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif single.is_file():
+        files = [single.name]
+    else:
+        present = sorted(p.name for p in folder.glob("*.safetensors"))
+        raise FileNotFoundError(f"{folder} is not an exported XPSR {part}: it has neither {single.name} nor "
+                                f"{index.name} (weights there: {present or 'none'})")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        with _open_safetensors(folder / name) as f:
+            state.update({k: f.get_tensor(k) for k in f.keys()})
+    return state
+
+
+def export_diffusers(output_dir: str | Path, unet: nn.Module, controlnet: nn.Module, model_config: dict,
+                     variant: str | None = None, max_shard_size: int | str | None = None) -> Path:
+    """Write ``unet/`` and ``controlnet/`` folders (config.json + diffusion_pytorch_model.safetensors, or its
+    ``variant`` / shards as diffusers names them).
 
     Stock ``ControlNetModel.from_pretrained`` reads the base weights from them (and reports the XPSR keys
     as unexpected); :func:`load_exported` rebuilds the full XPSR modules.
@@ -190,43 +242,47 @@ def export_diffusers(output_dir: str | Path, unet: nn.Module, controlnet: nn.Mod
             config[STUDENT_SETTINGS] = dict(getattr(model, STUDENT_SETTINGS))
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-        _atomic_save(tensors, folder / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+        save_part_weights(tensors, folder, variant, max_shard_size)
     return output_dir
 
 
-def load_exported_part(folder: str | Path, part: str, dtype: torch.dtype | None = None):
-    """Rebuild one part (``"unet"`` or ``"controlnet"``) from its folder written by :func:`export_diffusers`:
-    the stock model from ``config.json``, the XPSR modules its ``xpsr`` section asks for, then a strict load
-    of ``diffusion_pytorch_model.safetensors``. Returns ``(model, model_config)``."""
+def build_exported_part(config: dict[str, Any], part: str, where: str = "config.json"):
+    """The XPSR part (``"unet"`` or ``"controlnet"``) a ``config.json`` with an ``xpsr`` section describes,
+    freshly initialised. Returns ``(model, model_config)``."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    folder = Path(folder)
-    config_file, weights = folder / "config.json", folder / "diffusion_pytorch_model.safetensors"
-    for f in (config_file, weights):
-        if not f.is_file():
-            raise FileNotFoundError(f"{folder} is not an exported XPSR {part}: {f} is missing")
-    config = json.loads(config_file.read_text())
+    config = dict(config)
     if not isinstance(config.get("xpsr"), dict):
-        raise CheckpointMismatchError(f"{config_file} has no 'xpsr' section: not written by xpsr's export, so the "
-                                      "XPSR modules it needs are unknown")
+        raise CheckpointMismatchError(f"{where} has no 'xpsr' section: not written by xpsr's export or an XPSR "
+                                      "pipeline's part, so the XPSR modules it needs are unknown")
     try:
         model_config = ModelConfig(**config.pop("xpsr"))
     except TypeError as e:
-        raise CheckpointMismatchError(f"{config_file}: bad 'xpsr' section ({e})") from None
+        raise CheckpointMismatchError(f"{where}: bad 'xpsr' section ({e})") from None
     student = config.pop(STUDENT_SETTINGS, None)
     if student is not None:
-        student = check_student_settings(student, str(config_file))
+        student = check_student_settings(student, where)
     if part == "unet":
         model = inject_unet(UNet2DConditionModel.from_config(config), model_config)
     elif part == "controlnet":
         model = inject_controlnet(ControlNetModel.from_config(config), model_config)
     else:
         raise ValueError(f"unknown part {part!r} (unet or controlnet)")
-    with _open_safetensors(weights) as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    load_strict(model, state, f"{folder}")
     if student is not None:
         setattr(model, STUDENT_SETTINGS, student)
+    return model, model_config
+
+
+def load_exported_part(folder: str | Path, part: str, dtype: torch.dtype | None = None, variant: str | None = None):
+    """Rebuild one part (``"unet"`` or ``"controlnet"``) from its folder written by :func:`export_diffusers`
+    (or the part's own ``save_pretrained``): the stock model from ``config.json``, the XPSR modules its
+    ``xpsr`` section asks for, then a strict load of its weights. Returns ``(model, model_config)``."""
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} is not an exported XPSR {part}: {config_file} is missing")
+    model, model_config = build_exported_part(json.loads(config_file.read_text()), part, str(config_file))
+    load_strict(model, read_part_weights(folder, part, variant), f"{folder}")
     apply_gradient_checkpointing(model, model_config)
     if dtype is not None:
         model.to(dtype=dtype)

@@ -25,6 +25,8 @@ from torch import nn
 from xpsr.models.sfa import QUALITY_KEY, has_sfa
 
 _RESIDUALS = "_xpsr_pixel_residuals"
+# the caller's cross_attention_kwargs, for up blocks the UNet calls without them (no cross-attention of their own)
+_ATTENTION_KWARGS = "_xpsr_attention_kwargs"
 
 
 class _PixelAwareUpBlock:
@@ -50,6 +52,10 @@ class _PixelAwareUpBlock:
         residuals = getattr(self, _RESIDUALS, None)  # aligned with res_hidden_states_tuple
         attentions = getattr(self, "attentions", None)
         checkpoint = torch.is_grad_enabled() and self.gradient_checkpointing
+        # the caller's attention keywords (diffusers' cross_attention_kwargs) reach the pixel attentions too;
+        # the quality prompt is for the SFA transformers only
+        given = cross_attention_kwargs if cross_attention_kwargs is not None else getattr(self, _ATTENTION_KWARGS, None)
+        pixel_kwargs = {k: v for k, v in (given or {}).items() if k != QUALITY_KEY} or None
         for j, resnet in enumerate(self.resnets):
             hidden_states = torch.cat([hidden_states, res_hidden_states_tuple[-1 - j]], dim=1)
             if checkpoint:
@@ -68,7 +74,8 @@ class _PixelAwareUpBlock:
             if residuals is not None:
                 control_tokens = residuals[-1 - j].flatten(2).transpose(1, 2)
                 hidden_states = self.pixel_attentions[j](
-                    hidden_states, encoder_hidden_states=control_tokens, return_dict=False
+                    hidden_states, encoder_hidden_states=control_tokens, cross_attention_kwargs=pixel_kwargs,
+                    return_dict=False,
                 )[0]
         if self.upsamplers is not None:
             for upsampler in self.upsamplers:
@@ -95,15 +102,16 @@ class XPSRUNet(UNet2DConditionModel):
             cak = dict(kwargs.get("cross_attention_kwargs") or {})
             cak[QUALITY_KEY] = quality_embeds
             kwargs["cross_attention_kwargs"] = cak
-        self._route_residuals(kwargs.get("down_block_additional_residuals"))
+        self._route_residuals(kwargs.get("down_block_additional_residuals"), kwargs.get("cross_attention_kwargs"))
         try:
             return super().forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
         finally:
             self._route_residuals(None)  # never keep tensors on the module (EMA deepcopy, memory)
 
-    def _route_residuals(self, residuals: Sequence[torch.Tensor] | None) -> None:
+    def _route_residuals(self, residuals: Sequence[torch.Tensor] | None, attention_kwargs: dict | None = None) -> None:
         remaining = list(residuals) if residuals is not None else None
         for block in self.up_blocks:
+            setattr(block, _ATTENTION_KWARGS, attention_kwargs)
             if remaining is None:
                 setattr(block, _RESIDUALS, None)
                 continue

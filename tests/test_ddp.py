@@ -278,3 +278,16 @@ def test_fsdp_on_cpu_refuses_validation_and_fsdp1(monkeypatch, tmp_path):
         torch.distributed.destroy_process_group()
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_load_and_start_several_processes(path):
+    """accelerate reads each file; each asks for several processes through torchrun (MULTI_GPU or FSDP: a
+    MULTI_CPU file would start one process without mpirun), FSDP files for FSDP version 2."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(path))
+    assert cfg.num_processes > 1 and cfg.distributed_type.value in ("MULTI_GPU", "FSDP")
+    assert cfg.use_cpu == ("cpu" in path.name)
+    if cfg.distributed_type.value == "FSDP":
+        assert str(cfg.fsdp_config["fsdp_version"]) == "2"

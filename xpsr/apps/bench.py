@@ -149,11 +149,14 @@ def _run_bench(cfg: BenchConfig) -> dict:
         "frozen_unet_weights_mb": sum(p.numel() * p.element_size() for p in modules.unet.parameters()
                                       if not p.requires_grad) / 2**20,
     }
+    return result | peak_memory(device)
+
+
+def peak_memory(device: torch.device) -> dict:
+    """The run's peak memory: CUDA's allocator high-water mark, or the process's peak RSS on the CPU."""
     if device.type == "cuda":
-        result["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return result
+        return {"peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def run_infer_bench(cfg: BenchConfig) -> dict:
@@ -199,11 +202,7 @@ def _infer_bench(cfg: BenchConfig, mode: str) -> dict:
               "tiled": cfg.tiled,
               "lr_size": cfg.lr_size, "sr_size": cfg.lr_size * 4, "inference_steps": cfg.inference_steps,
               "seconds_per_image": statistics.mean(times), "runs": len(times)}
-    if device.type == "cuda":
-        result["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return result
+    return result | peak_memory(device)
 
 
 def run_flops_bench(cfg: BenchConfig) -> dict:

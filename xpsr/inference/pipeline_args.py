@@ -24,6 +24,12 @@ from xpsr.models.text import encode_prompts
 
 SUPPORTED, ALIAS, REFUSED = "supported", "alias", "not supported"
 # Every standard __call__ argument of the two diffusers pipelines: (status, what it does in XPSR or why not).
+# reasons shared by several refused arguments
+NO_SIZE = "the output is the input times `upscale`; set `upscale=` (and `process_size=`)"
+NO_IP_ADAPTER = "XPSR has no IP-Adapter; the image prompt is the LR image itself"
+ALWAYS_CONTROLNET = ("the UNet's pixel-aware attention reads the ControlNet residuals at every step: steps without "
+                     "the ControlNet are a model XPSR was never trained as")
+DEPRECATED = "deprecated by diffusers; use `callback_on_step_end`"
 CONVENTIONS: dict[str, tuple[str, str]] = {
     "image": (SUPPORTED, "the LR image(s); first positionally (a string there must be an existing file)"),
     "prompt": (SUPPORTED, "the content prompt (one per image); the quality prompt is `quality_prompt`"),
@@ -51,19 +57,17 @@ CONVENTIONS: dict[str, tuple[str, str]] = {
     "clip_skip": (SUPPORTED, "skip the last CLIP layers, for the content and the quality prompt alike"),
     "callback_on_step_end": (SUPPORTED, "after every step (once in one-step mode); see `_callback_tensor_inputs`"),
     "callback_on_step_end_tensor_inputs": (SUPPORTED, "a subset of `XPSRPipeline._callback_tensor_inputs`"),
-    "height": (REFUSED, "the output is the input times `upscale`; set `upscale=` (and `process_size=`)"),
-    "width": (REFUSED, "the output is the input times `upscale`; set `upscale=` (and `process_size=`)"),
-    "ip_adapter_image": (REFUSED, "XPSR has no IP-Adapter; the image prompt is the LR image itself"),
-    "ip_adapter_image_embeds": (REFUSED, "XPSR has no IP-Adapter; the image prompt is the LR image itself"),
+    "height": (REFUSED, NO_SIZE),
+    "width": (REFUSED, NO_SIZE),
+    "ip_adapter_image": (REFUSED, NO_IP_ADAPTER),
+    "ip_adapter_image_embeds": (REFUSED, NO_IP_ADAPTER),
     "guess_mode": (REFUSED, "the XPSR ControlNet's semantic-fusion attention needs both prompts at every step"),
-    "control_guidance_start": (REFUSED, "the UNet's pixel-aware attention reads the ControlNet residuals at every "
-                                        "step: steps without the ControlNet are a model XPSR was never trained as"),
-    "control_guidance_end": (REFUSED, "the UNet's pixel-aware attention reads the ControlNet residuals at every "
-                                      "step: steps without the ControlNet are a model XPSR was never trained as"),
+    "control_guidance_start": (REFUSED, ALWAYS_CONTROLNET),
+    "control_guidance_end": (REFUSED, ALWAYS_CONTROLNET),
     "noise_level": (REFUSED, "the SD x4 upscaler's noise on its LR condition; XPSR's condition is clean (the "
                              "nearest knob, noise on the start latent, is `added_noise_level=`)"),
-    "callback": (REFUSED, "deprecated by diffusers; use `callback_on_step_end`"),
-    "callback_steps": (REFUSED, "deprecated by diffusers; use `callback_on_step_end`"),
+    "callback": (REFUSED, DEPRECATED),
+    "callback_steps": (REFUSED, DEPRECATED),
 }
 CALLBACK_TENSOR_INPUTS = ["latents", "prompt_embeds", "quality_prompt_embeds", "image"]
 # Arguments a one-step call does not use (it runs one UNet call from the LR latent, without guidance).

@@ -149,6 +149,7 @@ def index_clip(clip: Path, work: Path, cfg: InferConfig) -> ClipInfo:
         return ClipInfo.from_json(stored.read_text())
     v = cfg.video
     info = probe_sequence(clip, v.sequence_fps, v.max_frames) if v.image_sequence else probe(clip, v.max_frames)
+    check_clip(info, cfg)
     work.mkdir(parents=True, exist_ok=True)
     _write_json(stored, json.loads(info.to_json()))
     return info
@@ -164,7 +165,6 @@ def super_resolve_clip(modules, clip: Path, target: Path, cfg: InferConfig, devi
     target.parent.mkdir(parents=True, exist_ok=True)
     work = ch.work_folder(target.parent, target.name)
     info = index_clip(clip, work, cfg)
-    check_clip(info, cfg)
     v = cfg.video
     overlap = v.chunk_overlap if v.stability in ("flow", "carry") else 0
     chunks = ch.plan(info.frames, v.chunk_frames, overlap)

@@ -193,11 +193,12 @@ def _args(cfg):
 
 def test_flow_noise_is_far_steadier_than_independent_noise(tiny_modules):
     """The panned clip (exact motion): temporal error of flow-warped noise vs fresh noise per frame. Measured
-    on this tiny random model: MAD 0.23x the baseline's (docs/video.md); the test asks for below 0.5x."""
+    on this tiny random model with these settings: MAD 0.30x the baseline's (64.0 vs 19.1); the test asks for
+    below 0.5x. The demo prior's numbers are in docs/video.md."""
     from xpsr.video.stability import run_method, temporal_error
 
-    cfg = load_config(InferConfig, TINY, ["input=x", "output_dir=y", "upscale=2", "num_inference_steps=2"])
-    lr = panned_clip("astronaut", 5, (32, 32), 4)[0]  # 4 LR px = 8 px at x2 = one latent of the 8x VAE
+    cfg = load_config(InferConfig, TINY, ["input=x", "output_dir=y", "num_inference_steps=2"])  # x4
+    lr = panned_clip("astronaut", 5, (32, 32), 2)[0]  # 2 LR px = 8 px at x4 = one latent of the 8x VAE
     errors = {s: temporal_error(run_method(tiny_modules, cfg, lr, s)[0], 8)["mad"] for s in ("independent", "flow")}
     assert errors["flow"] < 0.5 * errors["independent"], errors
 

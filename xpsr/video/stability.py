@@ -103,3 +103,51 @@ def run_method(modules, cfg: InferConfig, lr: list[np.ndarray], stability: str, 
             if i >= chunk.start:
                 out.append(sr)
     return out, (time.perf_counter() - start) / len(lr)
+
+
+def border_error(sr: list[np.ndarray], shift: int, chunk_frames: int) -> dict[str, float]:
+    """Temporal MAD across chunk borders (pairs t, t+1 in different chunks) and inside chunks."""
+    across = [t for t in range(len(sr) - 1) if (t + 1) % chunk_frames == 0]
+    inside = [t for t in range(len(sr) - 1) if (t + 1) % chunk_frames != 0]
+    return {"across": temporal_error(sr, shift, across)["mad"], "inside": temporal_error(sr, shift, inside)["mad"]}
+
+
+def measure(modules, cfg: InferConfig, methods: list[str], frames: int, lr_size: int, step: int,
+            chunk_frames: int, log=print) -> list[dict]:
+    """The stability table: one row per method (and per one-step method), see the module docstring."""
+    from xpsr.video.synthetic import panned_clip
+
+    pan_lr, pan_hr = panned_clip("astronaut", frames, (lr_size, lr_size), step, cfg.upscale)
+    zoom_lr, zoom_hr = zoom_clip("chelsea", frames, (lr_size, lr_size), cfg.upscale)
+    shift = step * cfg.upscale
+    rows = []
+    runs = [("multistep", m) for m in methods] + [("onestep", m) for m in ("independent", "flow")]
+    for mode, method in runs:
+        run_cfg = dataclasses.replace(cfg, mode=mode)
+        cpu = time.process_time()
+        sr, wall = run_method(modules, run_cfg, pan_lr, method)
+        row = {"mode": mode, "method": method, "temporal": temporal_error(sr, shift), "fidelity": fidelity(sr, pan_hr),
+               "s_per_frame": round(wall, 3), "cpu_s_per_frame": round((time.process_time() - cpu) / frames, 3)}
+        row["warping_error"] = warping_error(run_method(modules, run_cfg, zoom_lr, method)[0], zoom_hr)
+        if chunk_frames and method in ("flow", "carry") and mode == "multistep":
+            chunked, _ = run_method(modules, run_cfg, pan_lr, method, chunk_frames=chunk_frames)
+            row["chunk_border"] = border_error(chunked, shift, chunk_frames)
+        log(row)
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as a Markdown table (docs/video.md)."""
+    lines = ["| mode | method | temporal MAD | temporal PSNR | PSNR | SSIM | warping error | s/frame (CPU) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['method']} | {r['temporal']['mad']:.2f} | {r['temporal']['psnr']:.2f} | "
+                     f"{r['fidelity']['psnr']:.2f} | {r['fidelity']['ssim']:.4f} | {r['warping_error']:.2f} | "
+                     f"{r['cpu_s_per_frame']:.2f} |")
+    borders = [r for r in rows if "chunk_border" in r]
+    if borders:
+        lines += ["", "| method | temporal MAD across chunk borders | inside chunks |", "| --- | --- | --- |"]
+        lines += [f"| {r['method']} | {r['chunk_border']['across']:.2f} | {r['chunk_border']['inside']:.2f} |"
+                  for r in borders]
+    return "\n".join(lines)

@@ -45,6 +45,8 @@ def nearest(monkeypatch):
 
     monkeypatch.setattr(sampler_mod.FrameSampler, "__init__", lambda self, modules, cfg, *a: setattr(self, "cfg", cfg))
     monkeypatch.setattr(sampler_mod.FrameSampler, "__call__", fake)
+    monkeypatch.setattr(sampler_mod.FrameSampler, "state", lambda self: {"field0": torch.zeros(1)})
+    monkeypatch.setattr(sampler_mod.FrameSampler, "restore", lambda self, state: None)
     return calls
 
 
@@ -137,7 +139,8 @@ def test_bad_clips_get_one_line_and_no_output(tmp_path, nearest, capsys, make, e
 
 def test_chunks_shared_between_processes_and_resumed(tmp_path, nearest):
     """A chunk claimed by another process is left to it; its owner's death (the claim released, the
-    chunk's .partial left) makes the next run do it; the output equals an uninterrupted run's."""
+    chunk's .partial left) makes the next run do it, continuing from the state chunk 0 saved; the output
+    equals an uninterrupted run's. Chunk 2, whose predecessor was not done, started from its warm-up."""
     from xpsr.inference.claims import release_claim, try_claim
 
     write_clip(tmp_path / "c.mp4", _frames(7))
@@ -153,7 +156,7 @@ def test_chunks_shared_between_processes_and_resumed(tmp_path, nearest):
     release_claim(claim, work / "chunk-00001")
     nearest.clear()
     run_video(_cfg(tmp_path / "c.mp4", out, "video.chunk_frames=3"), modules=object())
-    assert nearest == [1, 2, 3, 4, 5]  # only chunk 1 (frames 3-5, from its warm-up at frame 1)
+    assert nearest == [3, 4, 5]  # only chunk 1, from chunk 0's saved state
     assert (out / "c.mp4").read_bytes() == (tmp_path / "ref" / "c.mp4").read_bytes()
 
 
@@ -166,17 +169,18 @@ def tiny_modules():
 
 
 def test_resumed_run_gives_the_bytes_of_an_uninterrupted_one(tmp_path, tiny_modules, monkeypatch):
+    """Chunks of 2 frames, killed in chunk 1 and rerun: the bytes of a run in one chunk (flow noise, DDPM)."""
     write_clip(tmp_path / "c.mp4", _frames(5))
-    cfg = _cfg(tmp_path / "c.mp4", tmp_path / "ref", "video.chunk_frames=2", "num_inference_steps=2",
+    cfg = _cfg(tmp_path / "c.mp4", tmp_path / "ref", "video.chunk_frames=16", "num_inference_steps=2",
                "scheduler=ddpm")
     run_video(cfg, modules=tiny_modules)
     real = ch.save_chunk
 
-    def dies_at_chunk_1(work, chunk, frames):
+    def dies_at_chunk_1(work, chunk, frames, state):
         if chunk.index == 1:
             next(frames)
             raise KeyboardInterrupt  # as a kill in the middle of chunk 1
-        real(work, chunk, frames)
+        real(work, chunk, frames, state)
 
     monkeypatch.setattr(ch, "save_chunk", dies_at_chunk_1)
     out = tmp_path / "out"
@@ -224,3 +228,20 @@ def test_warped_noise_stays_white_gaussian():
 def test_write_clip_variable_rate_round_trip(tmp_path):
     write_clip(tmp_path / "v.mkv", _frames(3), pts=[0, 3, 4], time_base=Fraction(1, 10), codec="ffv1")
     assert [t for t, _ in _decoded(tmp_path / "v.mkv")] == [0.0, 0.3, 0.4]
+
+
+def test_pipeline_helper_takes_the_cli_path_and_the_app_gets_previews(tmp_path, tiny_modules):
+    from xpsr.inference.diffusers_pipeline import XPSRPipeline
+    from xpsr.video.api import super_resolve_clip_for_app
+
+    write_clip(tmp_path / "c.mp4", _frames(3))
+    cfg = _cfg(tmp_path / "c.mp4", tmp_path / "cli", "num_inference_steps=1")
+    run_video(cfg, modules=tiny_modules)
+    pipe = XPSRPipeline.from_modules(tiny_modules)
+    report = pipe.super_resolve_video(tmp_path / "c.mp4", tmp_path / "pipe", upscale=2, num_inference_steps=1,
+                                      scheduler="ddim", video={"chunk_frames": 16})
+    assert report["outputs"] == [str(tmp_path / "pipe" / "c.mp4")]
+    assert (tmp_path / "pipe" / "c.mp4").read_bytes() == (tmp_path / "cli" / "c.mp4").read_bytes()
+    shown = super_resolve_clip_for_app(tiny_modules, tmp_path / "c.mp4", tmp_path / "app", cfg, max_frames=2)
+    assert shown["frames"] == 2 and shown["preview_frames"] == [0, 1]
+    assert [tuple(x.shape) for x in shown["previews"][0]] == [(64, 64, 3), (64, 64, 3)]

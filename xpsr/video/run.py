@@ -159,6 +159,7 @@ def super_resolve_clip(modules, clip: Path, target: Path, cfg: InferConfig, devi
     """One clip: its chunks (those not done and not claimed), then the output when all are done."""
     from xpsr.inference.claims import release_claim, try_claim
     from xpsr.video import chunks as ch
+    from xpsr.video.sampler import FrameSampler
 
     if _finished(target, cfg):
         return {"output": shown(target), "skipped_existing": True}
@@ -181,7 +182,9 @@ def super_resolve_clip(modules, clip: Path, target: Path, cfg: InferConfig, devi
             continue
         try:
             if not ch.done(work, chunk):
-                ch.save_chunk(work, chunk, _chunk_frames(modules, info, chunk, cfg, device, prompts, progress))
+                sampler = FrameSampler(modules, cfg, device, *prompts)
+                frames = _chunk_frames(sampler, info, chunk, ch.saved_state(work, chunk), progress)
+                ch.save_chunk(work, chunk, frames, sampler.state)
                 made += chunk.stop - chunk.start
         finally:
             release_claim(claim, work / chunk.name)
@@ -193,11 +196,13 @@ def super_resolve_clip(modules, clip: Path, target: Path, cfg: InferConfig, devi
                    progress)
 
 
-def _chunk_frames(modules, info: ClipInfo, chunk, cfg: InferConfig, device, prompts, progress):
-    from xpsr.video.sampler import FrameSampler
-
-    sampler = FrameSampler(modules, cfg, device, *prompts)
-    for index, lr in enumerate(Clip(info).frames(chunk.warmup, chunk.stop), chunk.warmup):
+def _chunk_frames(sampler, info: ClipInfo, chunk, state: dict | None, progress):
+    """The chunk's SR frames: continuing from ``state`` (its predecessor's), or after a warm-up."""
+    first = chunk.warmup
+    if state is not None:
+        sampler.restore(state)
+        first = chunk.start
+    for index, lr in enumerate(Clip(info).frames(first, chunk.stop), first):
         sr = sampler(index, lr)
         if index >= chunk.start:
             progress.update(1)

@@ -52,6 +52,20 @@ class FrameSampler:
         """Forget the previous frame (a chunk's first frame, or after a cut)."""
         self.previous_lr, self.fields, self.previous_sr = None, None, None
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """What the next frame takes from this one (saved with a chunk, so the next chunk continues exactly)."""
+        out = {f"field{i}": f for i, f in enumerate(self.fields or [])}
+        if self.previous_lr is not None:
+            out["previous_lr"] = torch.from_numpy(np.ascontiguousarray(self.previous_lr))
+        if self.previous_sr is not None and self.method == "carry":
+            out["previous_sr"] = self.previous_sr.float().cpu()
+        return out
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        self.fields = [state[f"field{i}"] for i in range(sum(k.startswith("field") for k in state))] or None
+        self.previous_lr = state["previous_lr"].numpy() if "previous_lr" in state else None
+        self.previous_sr = state["previous_sr"].to(self.device) if "previous_sr" in state else None
+
     def _noise_fields(self, index: int, shape: tuple[int, ...], count: int, lr: np.ndarray) -> list[torch.Tensor]:
         seed = self.cfg.seed if self.method == "same" else frame_seed(self.cfg.seed, index)
         generator = torch.Generator().manual_seed(seed)

@@ -96,6 +96,13 @@ def _truncated(path, tmp_path):
     path.write_bytes(data[:len(data) // 2])
 
 
+def _truncated_faststart(path, tmp_path):
+    """Index first: the cut file opens, and its header counts frames that are not there."""
+    write_clip(tmp_path / "whole.mp4", _frames(), faststart=True)
+    data = (tmp_path / "whole.mp4").read_bytes()
+    path.write_bytes(data[:int(len(data) * 0.7)])
+
+
 def _audio_only(path, tmp_path):
     c = av.open(str(path), "w")
     s = c.add_stream("aac", rate=8000, layout="mono")
@@ -120,7 +127,7 @@ def _no_frames(path, tmp_path):
 
 
 @pytest.mark.parametrize("make,expected", [
-    (_truncated, "not a readable video"), (_audio_only, "has no video stream"), (_no_frames, "zero-length clip"),
+    (_truncated, "not a readable video"), (_truncated_faststart, "truncated, "), (_audio_only, "has no video stream"), (_no_frames, "zero-length clip"),
     (lambda p, t: p.write_bytes(b""), "not a readable video"),
     (lambda p, t: p.write_bytes(b"not a video at all" * 10), "not a readable video"),
     (lambda p, t: write_clip(p, _frames(2, (64, 64))), "max_output_pixels=4,096")])

@@ -90,6 +90,9 @@ def probe(path: Path, max_frames: int = 0) -> ClipInfo:
         except av.error.FFmpegError as e:
             raise VideoError(f"{shown(path)}: damaged after {len(pts)} frames ({_why(e)}); re-encode or cut it") from e
         pts.sort()  # packets come in decoding order; B-frames make it differ from display order
+        if stream.frames and len(pts) < stream.frames:  # the header counts more frames than the file holds
+            raise VideoError(f"{shown(path)}: truncated, {len(pts)} of the {stream.frames} frames its header lists "
+                             "are there")
         if max_frames:
             pts = pts[:max_frames]
         if not pts:

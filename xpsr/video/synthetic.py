@@ -17,12 +17,14 @@ import numpy as np
 
 def write_clip(path: Path, frames: Iterable[np.ndarray], pts: list[int] | None = None,
                time_base: Fraction = Fraction(1, 25), rate: Fraction = Fraction(25), codec: str = "libx264",
-               audio_seconds: float = 0.0, colour: dict | None = None, options: dict | None = None) -> Path:
+               audio_seconds: float = 0.0, colour: dict | None = None, options: dict | None = None,
+               faststart: bool = False) -> Path:
     """Encode RGB uint8 frames (even sizes) to ``path``; ``pts`` gives variable frame timing, ``audio_seconds``
-    adds an AAC sine tone, ``colour`` sets colour metadata (e.g. ``{"color_primaries": 1}``)."""
+    adds an AAC sine tone, ``colour`` sets colour metadata (e.g. ``{"color_primaries": 1}``), ``faststart``
+    puts an MP4's index first (as streaming services do)."""
     import av
 
-    out = av.open(str(path), "w")
+    out = av.open(str(path), "w", options={"movflags": "faststart"} if faststart else None)
     stream, tone = None, None
     if audio_seconds:
         tone = out.add_stream("aac", rate=8000, layout="mono")
@@ -79,7 +81,7 @@ def degrade_once(hr: np.ndarray, scale: int, seed: int) -> np.ndarray:
     from xpsr.data.degradations import degrade, sample_degradation
 
     params = sample_degradation(DegradationConfig(), np.random.default_rng(seed))
-    x = torch.from_numpy(hr).permute(2, 0, 1)[None].float() / 255
+    x = torch.from_numpy(np.array(hr)).permute(2, 0, 1)[None].float() / 255  # a writable copy
     lr = degrade(x, params, scale)[0].permute(1, 2, 0).numpy()
     return (lr * 255).round().clip(0, 255).astype(np.uint8)
 

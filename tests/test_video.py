@@ -127,7 +127,8 @@ def _no_frames(path, tmp_path):
 
 
 @pytest.mark.parametrize("make,expected", [
-    (_truncated, "not a readable video"), (_truncated_faststart, "truncated, "), (_audio_only, "has no video stream"), (_no_frames, "zero-length clip"),
+    (_truncated, "not a readable video"), (_truncated_faststart, "truncated, "),
+    (_audio_only, "has no video stream"), (_no_frames, "zero-length clip"),
     (lambda p, t: p.write_bytes(b""), "not a readable video"),
     (lambda p, t: p.write_bytes(b"not a video at all" * 10), "not a readable video"),
     (lambda p, t: write_clip(p, _frames(2, (64, 64))), "max_output_pixels=4,096")])

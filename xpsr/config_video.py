@@ -33,13 +33,15 @@ class VideoConfig:
                                  "is treated as newly visible (fresh noise, nothing carried)", above=0)
     chunk_frames: int = doc(16, "frames per chunk: the unit of resume after a kill and of work shared by several "
                                 "processes", min=1)
-    chunk_overlap: int = doc(2, "stability=flow|carry: frames before a chunk processed again (not kept) so its "
-                                "noise and carried result are warmed up along the motion; 0 = cold start", min=0)
+    chunk_overlap: int = doc(2, "stability=flow|carry: a chunk whose predecessor is not finished yet (another "
+                                "process has it) starts this many frames early (not kept) to warm its noise up "
+                                "along the motion; a chunk after a finished one continues from its saved state",
+                             min=0)
     codec: str = choice("libx264", CODECS, "output encoder of PyAV's bundled FFmpeg; png = PNG frames only")
     crf: int = doc(18, "constant-rate-factor quality of libx264/libx265 (0-51) and libsvtav1 (0-63); lower = "
                        "better and bigger", min=0, max=63)
-    preset: str = doc("medium", "encoder speed preset (libx264/libx265: ultrafast ... veryslow; libsvtav1: 0-13)",
-                      nonempty=True)
+    preset: str = doc("medium", "encoder speed preset of libx264/libx265 (ultrafast ... veryslow); libsvtav1 takes "
+                                "0-13 (a name leaves its default)", nonempty=True)
     bit_depth: int = doc(8, "8, or 10 (yuv420p10le: libx264, libx265, libsvtav1; ffv1 keeps 16 bits); "
                             "libvpx-vp9 and png are 8-bit here", min=8, max=10)
     container: str = choice("same", ("same", "mp4", "mkv", "mov"), "output container; same = the input's "

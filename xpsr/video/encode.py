@@ -36,7 +36,8 @@ def _options(cfg: VideoConfig) -> dict[str, str]:
         return {}
     if cfg.codec == "libvpx-vp9":
         return {"crf": str(cfg.crf), "b": "0"}
-    return {"crf": str(cfg.crf), "preset": cfg.preset, **QUIET.get(cfg.codec, {})}
+    preset = {} if cfg.codec == "libsvtav1" and not cfg.preset.isdigit() else {"preset": cfg.preset}
+    return {"crf": str(cfg.crf), **preset, **QUIET.get(cfg.codec, {})}
 
 
 def _audio_packets(source, streams) -> Iterator:

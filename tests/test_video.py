@@ -159,7 +159,8 @@ def test_chunks_shared_between_processes_and_resumed(tmp_path, nearest):
     (work / "chunk-00001.partial").mkdir()  # a killed process's half chunk
     claim = try_claim(work / "chunk-00001")
     report = run_video(_cfg(tmp_path / "c.mp4", out, "video.chunk_frames=3"), modules=object())
-    assert report["done"] == 1 and not (out / "c.mp4").exists()  # waiting for the chunk held elsewhere
+    assert report["done"] == 0 and report["left_to_other_processes"] == 1  # chunk 1 is held elsewhere
+    assert not (out / "c.mp4").exists()
     assert ch.done(work, ch.Chunk(0, 0, 3, 0)) and not ch.done(work, ch.Chunk(1, 3, 6, 1))
     release_claim(claim, work / "chunk-00001")
     nearest.clear()
@@ -247,7 +248,7 @@ def test_pipeline_helper_takes_the_cli_path_and_the_app_gets_previews(tmp_path, 
     run_video(cfg, modules=tiny_modules)
     pipe = XPSRPipeline.from_modules(tiny_modules)
     report = pipe.super_resolve_video(tmp_path / "c.mp4", tmp_path / "pipe", upscale=2, num_inference_steps=1,
-                                      scheduler="ddim", video={"chunk_frames": 16})
+                                      scheduler="ddim", process_size=64, video={"chunk_frames": 16})
     assert report["outputs"] == [str(tmp_path / "pipe" / "c.mp4")]
     assert (tmp_path / "pipe" / "c.mp4").read_bytes() == (tmp_path / "cli" / "c.mp4").read_bytes()
     shown = super_resolve_clip_for_app(tiny_modules, tmp_path / "c.mp4", tmp_path / "app", cfg, max_frames=2)

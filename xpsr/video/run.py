@@ -124,10 +124,13 @@ def run_video(cfg: InferConfig, modules=None) -> dict:
                 raise
             errors.append({"input": shown(clip), "error": str(e)})
             print(f"infer: {e}")
-    report = {"clips": len(clips), "done": len(results), "failed": len(errors), "errors": errors,
-              "seconds": round(time.perf_counter() - start, 2), "outputs": [r["output"] for r in results]}
+    finished = [r for r in results if not (r.get("waiting_for_other_processes") or r.get("finishing_elsewhere"))]
+    report = {"clips": len(clips), "done": len(finished), "left_to_other_processes": len(results) - len(finished),
+              "failed": len(errors), "errors": errors, "seconds": round(time.perf_counter() - start, 2),
+              "outputs": [r["output"] for r in finished]}
     _write_json(out / "video_report.json", report)
-    print(f"infer: {len(results)} of {len(clips)} clips super-resolved, {len(errors)} failed "
+    print(f"infer: {len(finished)} of {len(clips)} clips super-resolved, {len(errors)} failed, "
+          f"{report['left_to_other_processes']} being finished by other processes "
           f"(see {shown(out / 'video_report.json')})")
     return report
 

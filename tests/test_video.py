@@ -254,3 +254,18 @@ def test_pipeline_helper_takes_the_cli_path_and_the_app_gets_previews(tmp_path, 
     shown = super_resolve_clip_for_app(tiny_modules, tmp_path / "c.mp4", tmp_path / "app", cfg, max_frames=2)
     assert shown["frames"] == 2 and shown["preview_frames"] == [0, 1]
     assert [tuple(x.shape) for x in shown["previews"][0]] == [(64, 64, 3), (64, 64, 3)]
+
+
+def test_xpsr_infer_hands_clips_to_the_video_path_and_images_not(tmp_path, monkeypatch):
+    import xpsr.video.run as video_run
+    from xpsr.inference.run import run_inference
+    from xpsr.video.run import is_video_input
+
+    write_clip(tmp_path / "c.mov", _frames(2))
+    seen = []
+    monkeypatch.setattr(video_run, "run_video", lambda cfg: seen.append(cfg.input) or {"errors": [], "done": 1})
+    assert run_inference(_cfg(tmp_path / "c.mov", tmp_path / "out"))["done"] == 1 and seen == [str(tmp_path / "c.mov")]
+    (tmp_path / "imgs").mkdir()
+    assert not is_video_input(_cfg(tmp_path / "imgs", tmp_path / "o"))
+    assert is_video_input(_cfg(tmp_path / "imgs", tmp_path / "o", "video.image_sequence=true"))
+    assert is_video_input(_cfg(tmp_path, tmp_path / "o2"))  # a folder holding a clip

@@ -28,6 +28,7 @@ if __name__ == "__main__":
     p.add_argument("--step", type=int, default=2, help="pan per frame in LR px (x4 = one latent of the 8x tiny "
                                                         "VAE at 2, of the demo's 4x VAE at 1)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the config's)")
+    p.add_argument("--carry-timestep", type=int, default=None, help="video.carry_timestep (default: the config's)")
     p.add_argument("--chunk-frames", type=int, default=4, help="chunk size of the border measurement (0 = none)")
     p.add_argument("--output", default=None, help="JSON file for the rows (the table is printed)")
     a = p.parse_args()
@@ -41,6 +42,8 @@ if __name__ == "__main__":
         cfg = load_config(InferConfig, CONFIGS / "tiny_cpu.yaml", ["input=x", "output_dir=x"])
     if a.steps:
         cfg.num_inference_steps = a.steps
+    if a.carry_timestep is not None:
+        cfg.video.carry_timestep = a.carry_timestep
     torch.set_grad_enabled(False)
     modules = load_ready_modules(cfg, torch.device("cpu"))
     rows = measure(modules, cfg, a.methods.split(","), a.frames, a.lr_size, a.step, a.chunk_frames)

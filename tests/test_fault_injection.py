@@ -92,7 +92,7 @@ def test_kill_plans_are_drawn_from_the_seed_and_cover_the_run():
 
 # the CI-sized campaign: every stage, three trials (one per kill mode), the run forked from a server that
 # imported the stages once so that kills land in the work; training and inference made shorter
-CI_OVERRIDES = {"train": ["max_steps=3"], "infer": ["num_inference_steps=2"]}
+CI_OVERRIDES = {"train": ["max_steps=3"], "infer": ["num_inference_steps=2"], "video": ["num_inference_steps=2"]}
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from xpsr.config.loader import ConfigError, check_values, describe, load_config,
 from xpsr.config.onestep import LORA_TARGETS, OneStepConfig  # noqa: F401 - re-exported
 from xpsr.config.rules import COLOR_FIXES, DEVICE, FUSION_MODES, METRICS, SCHEDULERS, SEED, TIMESTEP, choice, doc
 from xpsr.config.tools import BenchConfig, TablesConfig  # noqa: F401 - re-exported
+from xpsr.config.video import VideoConfig
 
 
 @dataclass
@@ -371,6 +372,7 @@ class InferConfig:
                                       "empty content prompt instead of an error")
     prompt: str = doc("", "prompts=fixed: content prompt")
     quality_prompt: str = doc("", "prompts=fixed: quality prompt")
+    video: VideoConfig = field(default_factory=VideoConfig)  # video inputs only (docs/video.md)
 
     def validate(self) -> list[tuple[str, str]]:
         if self.latent_tile and self.latent_overlap >= self.latent_tile:  # stride 1: a tile per latent, very slow

@@ -267,6 +267,16 @@ class XPSRPipeline(DiffusionPipeline):
                              f"{', '.join(c.__name__ for c in SCHEDULER_NAMES)}")
         return name
 
+    def super_resolve_video(self, input: str | Path, output_dir: str | Path, **options: Any) -> dict:
+        """Super-resolve a clip, a folder of clips or (``video={"image_sequence": True}``) frames into
+        ``output_dir``, by the code path of ``xpsr infer input=clip.mp4`` (chunks, temporal stability, timestamps,
+        audio; docs/video.md). ``options``: InferConfig keys, ``video`` a dict of ``video.*`` keys. Returns the
+        run report."""
+        from xpsr.video.api import super_resolve_video
+
+        options.setdefault("scheduler", self._scheduler_name())
+        return super_resolve_video(self, input, output_dir, device=self._execution_device.type, **options)
+
     @torch.no_grad()
     def __call__(self, image: Any = None, prompt: str | list[str] | None = None,
                  quality_prompt: str | list[str] | None = None, num_inference_steps: int | None = None,

@@ -332,6 +332,11 @@ def _work(run: Run, todo: list[Path], targets: dict[Path, Path], modules, prompt
 def run_inference(cfg: InferConfig) -> dict:
     from accelerate import PartialState
 
+    from xpsr.video.run import is_video_input, run_video
+
+    if is_video_input(cfg):  # a clip, a folder of clips, or a frame sequence: docs/video.md
+        return run_video(cfg)
+
     state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
     device = state.device if cfg.device == "auto" else torch.device(cfg.device)
     inputs, root, out = _list_inputs(cfg)

@@ -90,6 +90,19 @@ def _infer_argv(inputs: Path, out: Path) -> list[str]:
             f"output_dir={out}", "seed=0"]
 
 
+# --------------------------------------------------------------------------------------------- video
+def _video_inputs(folder: Path) -> None:
+    from xpsr.video.synthetic import panned_clip, write_clip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_clip(folder / "clip.mp4", panned_clip("astronaut", 12, (24, 32), 1)[0], audio_seconds=0.5)
+
+
+def _video_argv(inputs: Path, out: Path) -> list[str]:
+    return ["infer", "--config", str(_configs() / "infer" / "tiny_cpu.yaml"), f"input={inputs / 'clip.mp4'}",
+            f"output_dir={out}", "seed=0", "video.chunk_frames=3"]
+
+
 # --------------------------------------------------------------------------------------------- eval
 def _eval_inputs(folder: Path) -> None:
     rng = np.random.default_rng(0)
@@ -139,6 +152,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           _infer_argv, Rules(volatile={"infer_report.json": ("seconds", "seconds_per_image", "done",
                                                              "skipped_existing", "peak_rss_mb", "images",
                                                              "truncated_prompts")})),
+    Stage("video", "a 12-frame clip (32x24, with audio) in chunks of 3 frames, tiny random model, flow noise",
+          _video_inputs, _video_argv,
+          Rules(volatile={"clip.video_report.json": ("frames_made_this_run", "seconds_sr", "seconds_per_frame",
+                                                     "seconds_encode", "peak_rss_mb"),
+                          "video_report.json": ("seconds",)})),
     Stage("eval", "PSNR and SSIM of 8 image pairs (160 px)", _eval_inputs, _eval_argv,
           Rules(volatile={"summary.json": ("settings.seconds",)})),
     Stage("train", "6 steps of the tiny model, a checkpoint after every step (all kept)", _train_inputs,

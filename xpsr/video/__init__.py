@@ -1,0 +1,2 @@
+"""Video super-resolution with XPSR: streaming, chunked and resumable, with measured temporal stability
+(docs/video.md)."""

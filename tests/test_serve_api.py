@@ -84,14 +84,18 @@ def test_a_wrong_mode_is_refused_at_startup(student, tmp_path):
 
 
 def test_trained_settings_of_an_export_folder(tmp_path):
-    """An `xpsr export` folder of a merged student carries its training config (xpsr_train_config.yaml)."""
+    """An `xpsr export` folder of a merged student records its settings in unet/config.json (xpsr_onestep), read
+    by the same reader as `xpsr infer` and the pipeline."""
+    import json
+
     from xpsr.apps.serve.engine import trained_settings
 
+    (tmp_path / "unet").mkdir()
     (tmp_path / "model_index.json").write_text("{}")
-    (tmp_path / "xpsr_train_config.yaml").write_text("onestep:\n  enabled: true\n  timestep: 700\n"
-                                                     "  lr_latent: mean\n")
+    record = {"mode": "onestep", "timestep": 700, "lr_latent": "mean"}
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"xpsr_onestep": record}))
     assert trained_settings(str(tmp_path)) == {"mode": "onestep", "onestep_timestep": 700, "lr_latent": "mean"}
-    (tmp_path / "xpsr_train_config.yaml").write_text("onestep:\n  enabled: false\n")
+    (tmp_path / "unet" / "config.json").write_text("{}")
     assert trained_settings(str(tmp_path)) == {"mode": "multistep"}
     assert trained_settings(None) == {}
 

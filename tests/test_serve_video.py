@@ -86,3 +86,46 @@ def test_a_frame_over_the_size_limits_is_refused(engine, tmp_path, monkeypatch):
     clip = _clip(tmp_path / "upload", frames=1, size=48)
     with pytest.raises(RequestError, match="^big.mp4: .*max_output_pixels=4,096"):
         engine.run_video(clip, "big.mp4", "", "q", _controls(upscale=2))
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    """The tiny CPU app served in this process on a free port (as in test_serve_api.py), and a gradio_client."""
+    from gradio_client import Client
+
+    from xpsr.apps.serve.app import serve
+
+    folder = tmp_path_factory.mktemp("serve_video_api")
+    os.environ["GRADIO_TEMP_DIR"] = str(folder / "gradio")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = serve(load_config(ServeConfig, TINY, [f"output_dir={folder / 'results'}", f"port={port}",
+                                                "max_video_frames=2"]), block=False)
+    try:
+        yield Client(app.local_url, verbose=False, analytics_enabled=False)
+    finally:
+        app.close()
+
+
+def test_the_video_endpoint_returns_the_clip_and_its_frames(client, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/super_resolve_video"]
+    assert [p["parameter_name"] for p in api["parameters"]] == [
+        "video", "content_prompt", "quality_prompt", "steps", "guidance", "seed", "color_fix", "upscale", "tiled",
+        "tile_px"]
+    assert [r["label"] for r in api["returns"]] == ["Super-resolved clip", "Before | after frames", "Video run info"]
+    values = dict(content_prompt="", quality_prompt="q", steps=1, guidance=4.5, seed=0, color_fix="adain",
+                  upscale=2, tiled=True, tile_px=512)
+    video, frames, info = client.predict(video=handle_file(str(_clip(tmp_path / "c.mp4", frames=3))), **values,
+                                         api_name="/super_resolve_video")
+    path = video["video"] if isinstance(video, dict) else video
+    assert _sizes(path) == [(32, 32, 3)] * 2 and len(frames) == 2
+    assert "2 of 3 frames" in info
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video" * 100)
+    with pytest.raises(AppError) as error:
+        client.predict(video=handle_file(str(bad)), **values, api_name="/super_resolve_video")
+    assert "bad.mp4: not a readable video" in str(error.value) and "Traceback" not in str(error.value)

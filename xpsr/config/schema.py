@@ -439,6 +439,8 @@ class ServeConfig:
                                                "(the output with its short side raised to process_size) has more "
                                                "pixels are refused; 0 = no limit", min=0)
     max_file_mb: int = doc(50, "largest upload in MB (Gradio refuses bigger files)", min=1)
+    max_video_frames: int = doc(48, "video uploads: only the first N frames are super-resolved (longer clips: "
+                                    "`xpsr infer input=CLIP`)", min=1)
     content_captioner: str | None = doc(None, "caption config (kind=content) that fills the content prompt, e.g. "
                                               "configs/caption/llava_content.yaml, loaded once on first use; "
                                               "null = the content prompt starts empty")

@@ -2,8 +2,9 @@
 
 Upload an image; its quality prompt comes from the offline heuristic and its content prompt from the
 configured captioner (both editable). Controls: steps, guidance, seed, colour fix, upscale, tiling. Shown:
-a before/after slider, the prompts used, time and peak memory, and the PNG to download. Requests run one
-at a time (queue of concurrency 1), so two uploads never run the model at once.
+a before/after slider, the prompts used, time and peak memory, and the PNG to download. A video section takes a
+short clip (its first ``max_video_frames`` frames, the same controls) and shows the SR clip and before/after
+frames. Requests run one at a time (queue of concurrency 1), so two uploads never run the model at once.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
 
 from xpsr.apps.serve.engine import Engine, RequestError, check_upload, parse_controls, size_limits  # noqa: E402
 from xpsr.config import ServeConfig  # noqa: E402
@@ -28,16 +30,16 @@ THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                           font_mono=["ui-monospace", "Consolas", "monospace"])
 
 
-def _upload_path(payload) -> tuple[str, str]:
+def _upload_path(payload, what: str = "an image") -> tuple[str, str]:
     """(server path, original name) of an upload as the raw Gradio payload (events run with preprocess=False,
     so that every file, readable or not, reaches our own decoding and its messages)."""
     if not payload:
-        raise RequestError("upload an image first")
+        raise RequestError(f"upload {what} first")
     if isinstance(payload, str):
         return payload, Path(payload).name
     path = payload.get("path")
     if not path:
-        raise RequestError("upload an image first")
+        raise RequestError(f"upload {what} first")
     return path, payload.get("orig_name") or Path(path).name
 
 
@@ -72,8 +74,58 @@ def _info(result) -> str:
     return "  \n".join(lines)
 
 
+def _video_info(result) -> str:
+    height, width = result.previews[0][2].shape[:2] if result.previews else (0, 0)
+    lines = [f"**Time** {result.seconds:.2f} s for {result.frames} of {result.total_frames} frames at "
+             f"{width}x{height} px",
+             f"**Peak memory** {result.peak_rss_mb:,.0f} MB process RSS (highest of samples every 10 ms "
+             f"during the request)"]
+    if result.cuda_peak_mb is not None:
+        lines.append(f"**Peak GPU memory** {result.cuda_peak_mb:,.0f} MB (torch.cuda.max_memory_allocated)")
+    lines.append(f"**Mode** {result.mode}")
+    lines.append("**Prompts** " + "; ".join(f"{k}: {v}" for k, v in result.prompts.items()))
+    lines += [f"*{note}*" for note in result.notes]
+    return "  \n".join(lines)
+
+
+def _video_section(engine: Engine, settings: list) -> None:
+    """The video part of the page (inside the Blocks): a clip in, its first ``max_video_frames`` frames
+    super-resolved with the page's settings (``settings``: steps, guidance, seed, colour fix, upscale, tiled,
+    tile size), before/after frames; the API endpoint `/super_resolve_video`."""
+    cap = engine.cfg.max_video_frames
+
+    # parameter names are the API's (gradio_client: predict(video=..., api_name="/super_resolve_video"))
+    @_readable
+    def run_video(video, content_prompt, quality_prompt, steps, guidance, seed, color_fix, upscale, tiled,
+                  tile_px):
+        path, name = _upload_path(video, "a video")
+        controls = parse_controls(steps, guidance, seed, color_fix, upscale, tiled, tile_px)
+        result = engine.run_video(path, name, content_prompt or "", quality_prompt or "", controls)
+        frames = [(np.concatenate([before, after], axis=1), f"frame {i}: before (nearest) | after (XPSR)")
+                  for i, before, after in result.previews]
+        return str(result.output), frames, _video_info(result)
+
+    gr.Markdown(f"### Video\nA short clip: its first {cap} frames (max_video_frames) are super-resolved with the "
+                "settings above, one prompt pair for the whole clip. Longer clips: `xpsr infer input=clip.mp4`.")
+    with gr.Row():
+        with gr.Column():
+            video = gr.Video(label="Low-resolution clip", sources=["upload"], elem_id="video_input")
+            quality = gr.Textbox(label="Quality prompt (empty = heuristic of the first frame)", lines=2,
+                                 elem_id="video_quality_prompt")
+            content = gr.Textbox(label="Content prompt (optional)", lines=2, elem_id="video_content_prompt")
+            button = gr.Button("Super-resolve clip", variant="primary", elem_id="video_run_button")
+        with gr.Column():
+            output = gr.Video(label="Super-resolved clip", interactive=False, elem_id="video_result")
+            gallery = gr.Gallery(label="Before | after frames", columns=1, interactive=False, format="png",
+                                 elem_id="video_previews")
+            info = gr.Markdown(label="Video run info", elem_id="video_run_info")
+    button.click(run_video, inputs=[video, content, quality, *settings], outputs=[output, gallery, info],
+                 preprocess=False, api_name="super_resolve_video", concurrency_limit=1, concurrency_id="model")
+
+
 def build_app(engine: Engine) -> gr.Blocks:
-    """The page, wired to ``engine``; the run endpoint is also the API `/super_resolve` (gradio_client)."""
+    """The page, wired to ``engine``; the run endpoints are also the API `/super_resolve` and
+    `/super_resolve_video` (gradio_client)."""
     cfg = engine.cfg
 
     @_readable
@@ -133,6 +185,7 @@ def build_app(engine: Engine) -> gr.Blocks:
         run_button.click(run, inputs=[image, content, quality, steps, guidance, seed, color_fix, upscale, tiled,
                                       tile_px], outputs=[slider, used, info, download], preprocess=False,
                          api_name="super_resolve", concurrency_limit=1, concurrency_id="model")
+        _video_section(engine, [steps, guidance, seed, color_fix, upscale, tiled, tile_px])
     app.queue(default_concurrency_limit=1)
     return app
 

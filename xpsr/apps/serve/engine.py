@@ -323,6 +323,13 @@ class Engine:
         content = self._content_captioner().caption([lr])[0] if self.cfg.content_captioner else ""
         return quality, content
 
+    def run_video(self, path: str | Path, name: str, content: str, quality: str, controls: Controls):
+        """Super-resolve the first ``max_video_frames`` frames of an uploaded clip (a
+        :class:`xpsr.apps.serve.video.VideoResult`; the output clip in a new folder under ``output_dir``)."""
+        from xpsr.apps.serve.video import run_video
+
+        return run_video(self, path, name, content, quality, controls)
+
     def run(self, path: str | Path, name: str, content: str, quality: str, controls: Controls) -> Result:
         """Super-resolve one upload; an empty quality prompt is filled by the heuristic."""
         lr, notes = check_upload(path, size_limits(self.cfg, controls.upscale), name)

@@ -22,6 +22,7 @@ from xpsr.config import (
     EvalConfig,
     ExportConfig,
     InferConfig,
+    SCHEMAS,
     PrepareConfig,
     ServeConfig,
     TablesConfig,
@@ -183,6 +184,13 @@ def cmd_caption_import(cfg: CaptionImportConfig) -> int:
     return 0
 
 
+def cmd_plan(cfg) -> int:
+    """GPU memory plan of a training step or a super-resolution, counted on fake tensors (no GPU)."""
+    from xpsr.memory.plan import cmd_plan as run
+
+    return run(cfg)
+
+
 def cmd_serve(cfg: ServeConfig) -> int:
     """The web app; needs the `app` extra (pip install -e ".[app]")."""
     try:
@@ -213,6 +221,7 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "demo": (DemoConfig, cmd_demo, "pairs -> prompts -> train -> SR -> metrics -> report.html, tiny model, CPU"),
     "bench": (BenchConfig, cmd_bench, "time one training step (JSON on stdout)"),
     "serve": (ServeConfig, cmd_serve, "a web app (Gradio): upload an image, get it super-resolved"),
+    "plan": (SCHEMAS["plan"], cmd_plan, "GPU memory plan (peak by category and module, cards, time estimates)"),
     "export": (ExportConfig, cmd_export, "weights -> a diffusers folder with a model card, for XPSRPipeline"),
 }
 

@@ -174,6 +174,9 @@ class DatasetConfig:
     quality_dropout: float = doc(0.0, "probability of an empty quality prompt (for classifier-free guidance)",
                                   min=0, max=1)
     return_lr: bool = doc(False, "also return the native-size LR crop")
+    latent_cache: str | None = doc(None, "VAE posterior moments of the HR images made by `xpsr.training.latent_cache` "
+                                         "(a folder): the training step draws its latent sample from them and runs no "
+                                         "VAE encoder (needs crop_size = the HR size of the pairs)", nonempty=True)
     seed: int = doc(0, "seed of the per-sample randomness (crop, flip, dropout)", **SEED)
     allow_old_recipe: bool = doc(False, "read pair folders made by an older `prepare` recipe (warning) "
                                         "instead of failing; README: Data")
@@ -442,4 +445,8 @@ class EvalConfig:
 SCHEMAS: dict[str, type] = {"model": ModelConfig, "demo": DemoConfig, "bench": BenchConfig,
                            "data": PrepareConfig, "caption": CaptionConfig, "train": TrainConfig,
                            "infer": InferConfig, "eval": EvalConfig, "serve": ServeConfig}
+
+from xpsr.config_plan import PlanConfig  # noqa: E402 - needs TrainConfig/InferConfig above
+
+SCHEMAS["plan"] = PlanConfig
 

@@ -21,10 +21,14 @@ def meta_modules(preset: str, model_cfg: ModelConfig, with_text: bool = True) ->
     cfg = dataclasses.replace(model_cfg, base="tiny")
     with torch.device("meta"):
         if preset == "tiny":
-            return build_xpsr(cfg)
-        from xpsr.models.presets import build_random_sd
+            modules = build_xpsr(cfg)
+        else:
+            from xpsr.models.presets import build_random_sd
 
-        return build_random_sd(preset, cfg, device="meta", with_text=with_text)
+            modules = build_random_sd(preset, cfg, device="meta", with_text=with_text)
+    # the scheduler's tables are data the step reads (add_noise), not GPU-sized: real CPU tensors
+    modules.scheduler = type(modules.scheduler).from_config(modules.scheduler.config)
+    return modules
 
 
 def cast_for_training(modules: XPSRModules, mixed_precision: str, frozen_unet_dtype: str) -> None:

@@ -17,7 +17,7 @@ from xpsr.memory.build import cast_for_inference, materialize, meta_modules
 from xpsr.memory.tracker import LiveBytes
 
 
-def plan_inference(cfg: InferConfig, preset: str, output_size: int) -> dict:
+def plan_inference(cfg: InferConfig, preset: str, output_size: int, with_costs: bool = False) -> dict:
     """Peak live bytes of super-resolving one ``output_size`` x ``output_size`` image with ``cfg`` at ``preset``
     shapes (tiny, sd15, sd21): by category, by module, the instant of the peak. Fake tensors: no memory."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -44,6 +44,8 @@ def plan_inference(cfg: InferConfig, preset: str, output_size: int) -> dict:
     scheduler = make_scheduler(cfg.scheduler, modules.scheduler.config)
     scheduler.set_timesteps(run_cfg.num_inference_steps, device="cpu")
     tracker = LiveBytes()
+    if with_costs:
+        tracker.costs = []
     roots = dict(unet=modules.unet, controlnet=modules.controlnet, vae=modules.vae, text_encoder=modules.text_encoder)
     with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
         materialize(list(roots.values()))
@@ -54,11 +56,13 @@ def plan_inference(cfg: InferConfig, preset: str, output_size: int) -> dict:
         with tracker, tracker.modules(**roots):
             with tracker.phase("prompts"):
                 c, q = prompt_embeddings(modules, "a photo of a cat on a sofa", "noisy, blurry", run_cfg, "cpu")
+            start = len(tracker.costs or [])
             with tracker.phase("denoise"):
                 if cfg.mode == "onestep":
                     latents = onestep_latents(modules, lr_cond, c, q, run_cfg, generator)
                 else:
                     latents = _denoise(modules, lr_cond, c, q, run_cfg, generator, scheduler)
+            end = len(tracker.costs or [])
             with tracker.phase("vae_decode"):
                 image = (vae_decode(modules.vae, latents, cfg.vae_decoder_tile, **vae_tile_options(cfg)) + 1) / 2
             with tracker.phase("color_fix"):
@@ -69,6 +73,10 @@ def plan_inference(cfg: InferConfig, preset: str, output_size: int) -> dict:
                   run_cfg.num_inference_steps, latent_tile=cfg.latent_tile, vae_tile=cfg.vae_tile,
                   vae_decoder_tile=cfg.vae_decoder_tile, vae_tile_attention=cfg.vae_tile_attention,
                   vae_tile_cache_mb=cfg.vae_tile_cache_mb, plan_seconds=round(time.perf_counter() - t0, 1))
+    if with_costs:  # the steps not run cost what the counted ones cost (the LR encode is counted once: close)
+        scale = cfg.num_inference_steps / run_cfg.num_inference_steps if cfg.mode == "multistep" else 1
+        result["costs"] = [(f * scale, b * scale, h) if start <= i < end else (f, b, h)
+                           for i, (f, b, h) in enumerate(tracker.costs)]
     return result
 
 

@@ -55,6 +55,23 @@ def _run(func, args, kwargs):
     return func(*args, **kwargs)
 
 
+def _cost(func, args, kwargs, out) -> tuple[int, int, bool]:
+    """(FLOPs as torch's FlopCounterMode counts them, bytes of the op's tensor inputs and outputs, whether
+    it computes in half precision): the inputs of a roofline estimate. Views move no bytes."""
+    from torch.utils.flop_counter import flop_registry
+
+    packet = func._overloadpacket
+    flops = 0
+    if packet in flop_registry:
+        flops = int(flop_registry[packet](*args, **kwargs, out_val=out))
+    if func.is_view:
+        return flops, 0, False
+    tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+    moved = sum(t.numel() * t.element_size() for t in tensors)
+    half = any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
+    return flops, moved, half
+
+
 class LiveBytes(TorchDispatchMode):
     """Counts the bytes of live tensor storages; ``phase(...)`` names the stage of the step being run.
 
@@ -74,6 +91,7 @@ class LiveBytes(TorchDispatchMode):
         self.op_index = 0
         self.module_stack: list[str] = []
         self.names: dict[int, str] = {}  # id(module) -> qualified name, for the module stack
+        self.costs: list[tuple[int, int, bool]] | None = None  # (FLOPs, bytes read + written, half) per op
 
     # --- bookkeeping -------------------------------------------------------------------------------
     def _add(self, storage, category: str, module: str) -> None:
@@ -147,6 +165,8 @@ class LiveBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 self._add(t.untyped_storage(), category, module or f"({self.phase_name})")
         self._note_peak(str(func), module)
+        if self.costs is not None:
+            self.costs.append(_cost(func, args, kwargs or {}, out))
         return out
 
     # --- modules -----------------------------------------------------------------------------------

@@ -56,10 +56,10 @@ def optimizer_tensors(optimizer) -> list[torch.Tensor]:
     return [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
 
 
-def plan_training(cfg: TrainConfig, preset: str) -> dict:
+def plan_training(cfg: TrainConfig, preset: str, with_costs: bool = False) -> dict:
     """Peak live bytes of one training step of ``cfg`` at ``preset`` shapes (tiny, sd15, sd21), by category
     and by module, and the instant of the peak. Runs on fake tensors: no memory, no GPU."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
     from xpsr.training.loop import make_optimizer
     from xpsr.training.step import training_step
@@ -73,12 +73,16 @@ def plan_training(cfg: TrainConfig, preset: str) -> dict:
         modules.vae.quant_conv = None
     dtype = DTYPES[cfg.mixed_precision]
     tracker = LiveBytes()
+    if with_costs:
+        tracker.costs = []
     with FakeTensorMode(allow_non_fake_inputs=True):
         materialize([modules.unet, modules.controlnet, modules.vae, modules.text_encoder])
         trainable = trainable_parameters(modules.unet, modules.controlnet)
         params = list(trainable.values())
-        optimizer = make_optimizer(cfg, params)
-        init_optimizer_state(optimizer, params)
+        with unset_fake_temporarily():  # bitsandbytes computes its quantisation maps with real tensors
+            optimizer = make_optimizer(cfg, params)
+        with LiveBytes():  # (uncounted; its real-input fallback lets bitsandbytes read its maps)
+            init_optimizer_state(optimizer, params)
         ema = [p.detach().clone() for p in params] if cfg.use_ema else []
         factor = 2 ** (len(modules.vae.config.block_out_channels) - 1)
         latent = (modules.unet.config.in_channels, cfg.data.crop_size // factor, cfg.data.crop_size // factor)
@@ -109,6 +113,8 @@ def plan_training(cfg: TrainConfig, preset: str) -> dict:
     result = tracker.report()
     result.update(setting_summary(cfg, preset), trainable_params=sum(p.numel() for p in params),
                   plan_seconds=round(time.perf_counter() - t0, 1))
+    if with_costs:
+        result["costs"] = tracker.costs
     return result
 
 

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from xpsr.config_plan import PlanConfig
+from xpsr.config import PlanConfig
 from xpsr.memory.plan import run_plan
 from xpsr.memory.tables import ROWS, markdown
 

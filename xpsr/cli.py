@@ -22,7 +22,7 @@ from xpsr.config import (
     EvalConfig,
     ExportConfig,
     InferConfig,
-    SCHEMAS,
+    PlanConfig,
     PrepareConfig,
     ServeConfig,
     TablesConfig,
@@ -221,7 +221,7 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "demo": (DemoConfig, cmd_demo, "pairs -> prompts -> train -> SR -> metrics -> report.html, tiny model, CPU"),
     "bench": (BenchConfig, cmd_bench, "time one training step (JSON on stdout)"),
     "serve": (ServeConfig, cmd_serve, "a web app (Gradio): upload an image, get it super-resolved"),
-    "plan": (SCHEMAS["plan"], cmd_plan, "GPU memory plan (peak by category and module, cards, time estimates)"),
+    "plan": (PlanConfig, cmd_plan, "GPU memory plan (peak by category and module, cards, time estimates)"),
     "export": (ExportConfig, cmd_export, "weights -> a diffusers folder with a model card, for XPSRPipeline"),
 }
 

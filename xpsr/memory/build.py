@@ -15,20 +15,43 @@ from torch import nn
 from xpsr.config import ModelConfig
 from xpsr.models.build import DTYPES, XPSRModules, build_xpsr, trainable_parameters
 
+# SD 1.5's layout (4 levels, 2 layers per block, the same block types, heads, text width and VAE layout) at a
+# fifth of the UNet's and a quarter of the VAE's channels: what the CPU validation runs for real in seconds.
+NARROW_UNET = {"block_out_channels": (64, 128, 256, 256)}
+NARROW_VAE = {"block_out_channels": (32, 64, 128, 128)}
 
-def meta_modules(preset: str, model_cfg: ModelConfig, with_text: bool = True) -> XPSRModules:
-    """XPSR at ``preset`` shapes (tiny, sd15, sd21) on the meta device, injected and frozen like the real build."""
+
+def build_modules(preset: str, model_cfg: ModelConfig, device: str = "meta", with_text: bool = True) -> XPSRModules:
+    """XPSR at ``preset`` shapes (tiny, sd15, sd21, sd15-narrow) on ``device``, injected and frozen like the real
+    build (random weights: a plan needs shapes only)."""
     cfg = dataclasses.replace(model_cfg, base="tiny")
-    with torch.device("meta"):
+    with torch.device(device):
         if preset == "tiny":
             modules = build_xpsr(cfg)
+        elif preset == "sd15-narrow":
+            modules = _narrow_sd(cfg, device)
         else:
             from xpsr.models.presets import build_random_sd
 
-            modules = build_random_sd(preset, cfg, device="meta", with_text=with_text)
+            modules = build_random_sd(preset, cfg, device=device, with_text=with_text)
     # the scheduler's tables are data the step reads (add_noise), not GPU-sized: real CPU tensors
     modules.scheduler = type(modules.scheduler).from_config(modules.scheduler.config)
     return modules
+
+
+def meta_modules(preset: str, model_cfg: ModelConfig, with_text: bool = True) -> XPSRModules:
+    return build_modules(preset, model_cfg, "meta", with_text)
+
+
+def _narrow_sd(cfg: ModelConfig, device: str) -> XPSRModules:
+    from unittest import mock
+
+    from xpsr.models import presets
+
+    unet = dict(presets.UNET_CONFIGS["sd15"], **NARROW_UNET)
+    vae = dict(presets.SD_VAE, **NARROW_VAE)
+    with mock.patch.dict(presets.UNET_CONFIGS, {"sd15": unet}), mock.patch.object(presets, "SD_VAE", vae):
+        return presets.build_random_sd("sd15", cfg, device=device, with_text=True)
 
 
 def cast_for_training(modules: XPSRModules, mixed_precision: str, frozen_unet_dtype: str) -> None:

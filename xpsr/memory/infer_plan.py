@@ -23,7 +23,8 @@ def plan_inference(cfg: InferConfig, preset: str, output_size: int, with_costs: 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from xpsr.inference.color import fix_colors
-    from xpsr.inference.pipeline import make_scheduler, onestep_latents, output_size as sizes, prompt_embeddings
+    from xpsr.inference.pipeline import make_scheduler, onestep_latents, prompt_embeddings
+    from xpsr.inference.pipeline import output_size as sizes
     from xpsr.inference.tiling import vae_decode, vae_scale_factor, vae_tile_options
 
     t0 = time.perf_counter()

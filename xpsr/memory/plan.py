@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from xpsr.config import InferConfig, TrainConfig, load_config
-from xpsr.config_plan import PlanConfig
+from xpsr.config import InferConfig, PlanConfig, TrainConfig, load_config
 from xpsr.memory.gpus import GIB, Margin, estimates, fitting_cards
 
 
@@ -47,14 +46,14 @@ def summary(result: dict) -> str:
     """A few lines for people: the peak, its parts, where it happens, the cards, the estimates."""
     gib = result["peak_bytes"] / GIB
     parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in result["by_category"].items())
-    at = result["peak_at"]
+    at, m = result["peak_at"], result["margin"]
     mods = ", ".join(f"{k} {v / GIB:.2f}" for k, v in list(result["by_module"].items())[:5])
     lines = [f"plan: {describe(result)}",
              f"  peak {gib:.2f} GiB of live tensors ({parts} GiB)",
              f"  at the {at['phase']} phase, op {at['op']} in {at['module'] or '(no module)'}",
              f"  largest modules at the peak: {mods} GiB",
-             f"  needs {result['margin']['needed_gib']:.2f} GiB with the margin (x{1 + result['margin']['fragmentation']:.2f}"
-             f" + {result['margin']['fixed_gib']} GiB); fits cards of {_cards(result['fits_gib'])} GiB"]
+             f"  needs {m['needed_gib']:.2f} GiB with the margin (x{1 + m['fragmentation']:.2f} + "
+             f"{m['fixed_gib']} GiB); fits cards of {_cards(result['fits_gib'])} GiB"]
     if "estimated_seconds" in result:
         est = ", ".join(f"{k} {v:.3g} s" for k, v in result["estimated_seconds"].items())
         lines.append(f"  ESTIMATED time (roofline lower bound, {result['tflops']} TFLOP, {result['gbytes_moved']} GB "

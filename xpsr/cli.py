@@ -77,9 +77,11 @@ def cmd_prepare(cfg: PrepareConfig) -> int:
 
 def cmd_train(cfg: TrainConfig) -> int:
     """Train XPSR (a non-finite loss or a data/model problem ends it with a readable message)."""
+    from xpsr.memory.fit import guard_training
     from xpsr.training.loop import run_training
 
-    summary = run_training(cfg)
+    with guard_training(cfg):  # on CUDA: the plan against free memory first; an OOM reported in one line
+        summary = run_training(cfg)
     print(f"train: {summary['steps']} steps in {summary['seconds']}s ({summary['steps_per_s']} steps/s), "
           f"last losses {summary['last']}")
     return 0

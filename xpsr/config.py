@@ -274,6 +274,9 @@ class TrainConfig:
     log_every: int = doc(10, "log losses every N steps", min=1)
     num_workers: int = doc(2, "DataLoader workers", min=0)
     device: str = doc("auto", "'auto' (accelerate decides), or 'cpu' to force the CPU", device=("auto", "cpu"))
+    memory_check: bool = doc(True, "on CUDA, compare the memory plan (xpsr plan) with the free GPU memory before the "
+                                   "first step and refuse, naming settings that fit (a shipped planned row is "
+                                   "instant; another setting is planned on fake tensors: a minute or two at SD size)")
 
 
 @dataclass

@@ -242,6 +242,10 @@ def make_data(s: Session) -> None:
 
     s.dataset, sampler = build_dataset(s.cfg.data, s.accelerator.process_index, s.accelerator.num_processes,
                                        start=s.state.samples)
+    if s.cfg.data.latent_cache:  # cached HR moments: refuse those of another VAE (docs/gpu-memory.md)
+        from xpsr.training.latent_cache import check_cache
+
+        check_cache(s.cfg.data.latent_cache, s.modules.vae)
     # Its own generator: creating the iterator draws the workers' base seed from it instead of from the
     # global torch RNG, whose checkpointed state would otherwise differ between a straight and a resumed run.
     s.loader = torch.utils.data.DataLoader(

@@ -1,0 +1,103 @@
+"""GPU memory plans (xpsr.memory): the counter, the plan against the CPU allocator's records, `xpsr plan`,
+the fit decision before the first step, and the low-memory training keys (8-bit AdamW, cached VAE latents)."""
+import json
+
+import pytest
+import torch
+from conftest import REPO
+
+from xpsr.cli import main
+from xpsr.config import PlanConfig, TrainConfig, load_config
+from xpsr.memory.fit import MemoryPlanError, check_training_fits, guard_training, settings_that_fit
+from xpsr.memory.gpus import GIB, Margin
+from xpsr.memory.tracker import LiveBytes
+from xpsr.memory.validate import measure_training
+
+TINY_PLAN = REPO / "configs" / "plan" / "tiny_train.yaml"
+
+
+def test_counter_counts_a_storage_once_and_lets_it_go():
+    counter = LiveBytes()
+    with counter:
+        x = torch.empty(1000)
+        view = x.view(10, 100)  # same storage: nothing new
+        y = x + 1
+        assert counter.live == 8000
+        del x, view
+        assert counter.live == 4000
+        del y
+    assert counter.live == 0 and counter.peak.bytes == 8000 and counter.peak.by_category == {"temporaries": 8000}
+
+
+@pytest.fixture(scope="module")
+def tiny_plan(tmp_path_factory):
+    out = tmp_path_factory.mktemp("plan") / "plan.json"
+    assert main(["plan", "--config", str(TINY_PLAN), f"output={out}"]) == 0
+    return json.loads(out.read_text())
+
+
+def test_tiny_plan_matches_the_cpu_allocator_within_5_percent(tiny_plan):
+    cfg = load_config(PlanConfig, TINY_PLAN).train
+    real = measure_training(cfg, "tiny")
+    assert abs(tiny_plan["peak_bytes"] / real["measured"] - 1) < 0.05, (tiny_plan["peak_bytes"], real)
+    # the categories are exact where they can be: every weight, and AdamW's two fp32 moments per trainable weight
+    from xpsr.memory.build import build_modules
+
+    modules = build_modules("tiny", cfg.model, device="meta")
+    weights = sum(t.numel() * t.element_size() for m in (modules.unet, modules.controlnet, modules.vae,
+                                                         modules.text_encoder)
+                  for t in list(m.parameters()) + list(m.buffers()))
+    cats = tiny_plan["by_category"]
+    assert cats["parameters"] == weights
+    assert cats["optimizer_state"] == pytest.approx(8 * tiny_plan["trainable_params"], rel=0.01)
+    assert tiny_plan["peak_at"]["phase"] in {"forward", "backward", "optimizer"}
+    assert tiny_plan["fits_gib"] == [8, 12, 16, 24, 40, 80] and tiny_plan["estimated_seconds"]["T4"] > 0
+
+
+@pytest.mark.slow
+def test_sd_shaped_plan_matches_the_cpu_allocator_within_5_percent():
+    from xpsr.memory.validate import compare_training
+
+    cfg = TrainConfig(output_dir="-", batch_size=1)
+    cfg.data.crop_size = 128
+    result = compare_training(cfg, "sd15-narrow")
+    assert abs(result["error"]) < 0.05, result
+
+
+def _fake_plan(cfg: TrainConfig, preset: str) -> int:
+    """Bytes by the options (shaped like the SD 1.5 table, not its numbers): what the decision logic reads."""
+    gib = 14.0 if cfg.frozen_unet_dtype == "fp32" else 12.0
+    gib += (0.5 if cfg.model.gradient_checkpointing else 2.5) * cfg.batch_size
+    gib -= 5.0 if cfg.use_8bit_adam else 0
+    return int(gib * GIB)
+
+
+def test_refuses_before_the_first_step_naming_settings_that_fit():
+    cfg = TrainConfig(output_dir="-", batch_size=4)
+    with pytest.raises(MemoryPlanError) as e:
+        check_training_fits(cfg, "sd15", free_bytes=20 * GIB, margin=Margin(0.1, 1.0), plan=_fake_plan)
+    message = str(e.value)
+    assert "\n" not in message and "20.0 GiB free" in message
+    # 12 + 0.5 x 4 = 14 GiB with checkpointing: 16.4 GiB with the margin fits 20; bf16 alone (22 GiB) does not
+    assert "settings that fit: mixed_precision=bf16 frozen_unet_dtype=mixed_precision " \
+           "model.gradient_checkpointing=true" in message
+    assert check_training_fits(cfg, "sd15", 40 * GIB, Margin(0.1, 1.0), _fake_plan) == _fake_plan(cfg, "sd15")
+    assert settings_that_fit(cfg, "sd15", 2 * GIB, Margin(0.1, 1.0), _fake_plan) == []
+
+
+def test_a_cuda_out_of_memory_error_becomes_one_line(monkeypatch):
+    import xpsr.memory.fit as fit
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (int(23.5 * GIB), 24 * GIB))
+    monkeypatch.setattr(fit, "planned_peak", _fake_plan)
+    cfg = TrainConfig(output_dir="-", batch_size=1, device="auto")
+    with pytest.raises(MemoryPlanError) as e:
+        with guard_training(cfg):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert str(e.value).startswith("CUDA ran out of memory: but the GPU has 23.5 GiB free; settings that fit:")
+    with pytest.raises(MemoryPlanError, match="this setting needs"):  # 14 + 2.5 x 8 GiB: refused up front
+        with guard_training(TrainConfig(output_dir="-", batch_size=8, device="auto")):
+            pytest.fail("the step must not start")
+    with guard_training(TrainConfig(output_dir="-", device="cpu")):  # CPU: no check at all
+        pass

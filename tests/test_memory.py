@@ -101,3 +101,88 @@ def test_a_cuda_out_of_memory_error_becomes_one_line(monkeypatch):
             pytest.fail("the step must not start")
     with guard_training(TrainConfig(output_dir="-", device="cpu")):  # CPU: no check at all
         pass
+
+
+# --- low-memory training keys -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from xpsr.training.demo_data import make_demo_data
+
+    return make_demo_data(tmp_path_factory.mktemp("demo"), crop_size=64)
+
+
+def _cfg(demo, out, *overrides):
+    base = [f"output_dir={out}", "demo_data=false", f"data.pairs=[{demo.pairs[0]}]", f"data.cache={demo.cache}",
+            "report_to=none", "validation.every=0", "checkpoint_every=0", "num_workers=0", "device=cpu",
+            "model.base=tiny", "model.conditioning_channels=[8,16,16,32]", "data.crop_size=64",
+            "mixed_precision=fp32", "log_every=1", "max_steps=2"]
+    return load_config(TrainConfig, REPO / "configs" / "train" / "tiny.yaml", base + list(overrides))
+
+
+def _batch(dataset, n=2):
+    items = [dataset[(i, 0)] for i in range(n)]
+    return {k: torch.stack([x[k] for x in items]) if torch.is_tensor(items[0][k]) else [x[k] for x in items]
+            for k in ("hr", "lr_cond", "content_prompt", "quality_prompt", *(["hr_moments"] if "hr_moments" in
+                                                                               items[0] else []))}
+
+
+def test_8bit_adamw_trains_with_uint8_moments(demo, tmp_path):
+    from xpsr.config import DFCConfig
+    from xpsr.data.dataset import build_dataset
+    from xpsr.models.build import build_xpsr
+    from xpsr.training.loop import make_optimizer, run_training
+    from xpsr.training.step import training_step
+
+    cfg = _cfg(demo, tmp_path / "run", "use_8bit_adam=true", "learning_rate=1e-3")
+    modules = build_xpsr(cfg.model)
+    from xpsr.models.build import trainable_parameters
+
+    params = list(trainable_parameters(modules.unet, modules.controlnet).values())
+    optimizer = make_optimizer(cfg, params)
+    batch = _batch(build_dataset(cfg.data)[0])
+    losses = []
+    for _ in range(30):
+        out = training_step(modules, batch, DFCConfig(), generator=torch.Generator().manual_seed(0))
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(out.loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses[::5]
+    big = max(params, key=lambda p: p.numel())
+    assert optimizer.state[big]["state1"].dtype == torch.uint8  # moments stored in 8 bits
+    assert run_training(cfg)["steps"] == 2  # and the loop runs with it
+
+
+def test_cached_vae_latents_are_exact_crash_safe_and_keyed_by_the_vae(demo, tmp_path):
+    from xpsr.config import DFCConfig
+    from xpsr.data.dataset import PairDataError, build_dataset
+    from xpsr.data.latent_cache import LatentCacheError
+    from xpsr.models.build import build_xpsr
+    from xpsr.training.latent_cache import check_cache
+    from xpsr.training.latent_cache import main as cache_main
+    from xpsr.training.loop import run_training
+    from xpsr.training.step import training_step
+
+    cache = tmp_path / "latents"
+    args = [f"data.pairs=[{demo.pairs[0]}]", f"data.latent_cache={cache}", "model.base=tiny", "output_dir=-"]
+    assert cache_main(args) == 0
+    entries = sorted(cache.glob("*.safetensors"))
+    (cache / "x.safetensors.tmp").write_bytes(b"half an entry")  # what a killed run leaves
+    assert cache_main(args) == 0 and sorted(cache.glob("*.safetensors")) == entries
+    assert not list(cache.glob("*.tmp"))
+
+    cached_cfg = _cfg(demo, tmp_path / "run", f"data.latent_cache={cache}")
+    plain = build_dataset(_cfg(demo, tmp_path / "x").data)[0]
+    cached = build_dataset(cached_cfg.data)[0]
+    batch, cached_batch = _batch(plain), _batch(cached)
+    modules = build_xpsr(cached_cfg.model)
+    losses = [training_step(modules, b, DFCConfig(), generator=torch.Generator().manual_seed(3)).loss.item()
+              for b in (batch, cached_batch)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)  # the same sample of the same posterior
+    assert run_training(cached_cfg)["steps"] == 2
+
+    other = build_xpsr(_cfg(demo, tmp_path / "y", "model.seed=1").model)
+    with pytest.raises(LatentCacheError, match="made by VAE"):
+        check_cache(cache, other.vae)
+    with pytest.raises(PairDataError, match="data.latent_cache needs data.crop_size"):
+        build_dataset(_cfg(demo, tmp_path / "z", f"data.latent_cache={cache}", "data.crop_size=32").data)[0][(0, 0)]

@@ -26,9 +26,10 @@ def autocast_like_accelerate(model: torch.nn.Module, dtype: torch.dtype) -> None
     from accelerate.utils import convert_outputs_to_fp32
 
     inner = model.forward
+    device_type = next(model.parameters()).device.type  # cpu for the plan's fake tensors, cuda on a GPU
 
     def forward(*args, **kwargs):
-        with torch.autocast("cpu", dtype=dtype):
+        with torch.autocast(device_type, dtype=dtype):
             return inner(*args, **kwargs)
 
     model.forward = convert_outputs_to_fp32(forward)

@@ -60,3 +60,34 @@ def compare_training(cfg: TrainConfig, preset: str) -> dict:
     planned = plan_training(cfg, preset)["peak_bytes"]
     real = measure_training(cfg, preset)
     return {"planned": planned, **real, "error": planned / real["measured"] - 1}
+
+
+def measure_training_cuda(cfg: TrainConfig, preset: str) -> dict:
+    """On a GPU: the planned peak beside ``torch.cuda.max_memory_allocated`` of the same step (after a warm-up
+    step) and the memory reserved by the caching allocator (what fragmentation adds)."""
+    planned = plan_training(cfg, preset)["peak_bytes"]
+    device = torch.device("cuda")
+    with torch.device(device):
+        modules = build_modules(preset, cfg.model, device="cuda")
+        cast_for_training(modules, cfg.mixed_precision, cfg.frozen_unet_dtype)
+        step = StepParts(modules, cfg)
+        step.run(None)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step.run(None)
+        torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    return {"planned": planned, "measured": torch.cuda.max_memory_allocated(),
+            "reserved": torch.cuda.max_memory_reserved(), "used_by_process": total - free,
+            "error": planned / torch.cuda.max_memory_allocated() - 1}
+
+
+if __name__ == "__main__":  # `python -m xpsr.memory.validate PRESET key=value ...` (TrainConfig keys), on a GPU
+    import json
+    import sys
+
+    from xpsr.config import load_config
+
+    args = sys.argv[1:]
+    train_cfg = load_config(TrainConfig, None, ["output_dir=-", *args[1:]])
+    print(json.dumps(measure_training_cuda(train_cfg, args[0])))

@@ -88,7 +88,7 @@ def load_vae(cfg):
     if cfg.model.base == "tiny":
         from xpsr.models.tiny import build_tiny_base
 
-        return build_tiny_base(seed=cfg.model.seed)["vae"]
+        return build_tiny_base(seed=cfg.seed)["vae"]  # as the loop builds it (model seed = run seed)
     from diffusers import AutoencoderKL
 
     return AutoencoderKL.from_pretrained(cfg.model.base, subfolder="vae", revision=cfg.model.revision)

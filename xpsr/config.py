@@ -326,6 +326,13 @@ class InferConfig:
     seed: int = doc(0, "seed of the initial noise and the sampler", **SEED)
     dtype: str = choice("fp32", ("fp32", "fp16", "bf16"), "weights and compute dtype")
     device: str = doc("auto", "'auto' (the accelerate process's device), 'cpu', 'cuda'", device=DEVICE)
+    weights_storage: str = choice("same", ("same", "fp8"),
+                                  "same: weights stored in `dtype`; fp8: UNet and ControlNet weights stored in fp8 "
+                                  "(e4m3) and computed in `dtype` (bf16/fp16), diffusers' layerwise casting "
+                                  "(docs/gpu-memory.md: memory saved, PSNR cost)")
+    offload: str = choice("none", ("none", "model", "group"),
+                          "CPU offload: model = each part on the GPU only while it runs; group = block by block "
+                          "(diffusers' group offload; least memory, slowest)")
     latent_tile: int = doc(64, "latent tile size (x8 px); larger latents are denoised tile by tile (see "
                                "latent_tiling); 0 = never tile", min=0)
     latent_overlap: int = doc(16, "overlap of latent tiles (smaller than latent_tile)", min=0)
@@ -403,6 +410,9 @@ class ServeConfig:
     weights: str | None = doc(None, "as `xpsr infer weights=`; null = the freshly built model (tiny, no downloads)")
     device: str = doc("auto", "'auto' (cuda if available), 'cpu', 'cuda'", device=DEVICE)
     dtype: str = choice("fp32", ("fp32", "fp16", "bf16"), "weights and compute dtype")
+    weights_storage: str = choice("same", ("same", "fp8"), "as `xpsr infer weights_storage=`: fp8 storage of the UNet "
+                                  "and ControlNet weights, computed in `dtype`")
+    offload: str = choice("none", ("none", "model", "group"), "as `xpsr infer offload=`: CPU offload")
     scheduler: str = choice("ddpm", SCHEDULERS, "sampler (official test: DDPM)")
     num_inference_steps: int = doc(20, "default of the steps control", min=1)
     guidance_scale: float = doc(4.5, "default of the guidance control")

@@ -12,6 +12,7 @@ from PIL import Image
 
 from xpsr.config import InferConfig
 from xpsr.inference.color import fix_colors
+from xpsr.inference.low_memory import compute_dtype
 from xpsr.inference.tiling import (
     blend_latent_tiles,
     vae_decode,
@@ -96,7 +97,7 @@ def guided_noise(modules, latents, t, lr_cond, content, quality, cfg: InferConfi
     """CFG noise prediction; both prompt embeddings are batched [negative; positive] for ControlNet and UNet.
     Large latents are predicted tile by tile (``latent_tiling``) and blended before the guidance, as the
     official pipeline does."""
-    dtype = next(modules.unet.parameters()).dtype
+    dtype = compute_dtype(modules.unet)  # fp8-stored weights compute in half precision
     guided = cfg.guidance_scale > 1.0
     f = vae_scale_factor(modules.vae)
 
@@ -157,7 +158,7 @@ def prompt_embeddings(modules, content_prompt: str, quality_prompt: str, cfg: In
                       device) -> tuple[torch.Tensor, torch.Tensor]:
     """(content, quality) embeddings, batched [negative; positive] with CFG, only the positive without it
     (``guidance_scale <= 1`` or ``mode=onestep``); the added prompt follows a space (official script)."""
-    dtype = next(modules.unet.parameters()).dtype
+    dtype = compute_dtype(modules.unet)  # fp8-stored weights compute in half precision
     content = content_prompt_used(content_prompt, cfg)
     tok, enc = modules.tokenizer, modules.text_encoder
     c = encode_prompts(tok, enc, [cfg.negative_prompt, content], device).to(dtype)

@@ -186,3 +186,13 @@ def test_cached_vae_latents_are_exact_crash_safe_and_keyed_by_the_vae(demo, tmp_
         check_cache(cache, other.vae)
     with pytest.raises(PairDataError, match="data.latent_cache needs data.crop_size"):
         build_dataset(_cfg(demo, tmp_path / "z", f"data.latent_cache={cache}", "data.crop_size=32").data)[0][(0, 0)]
+
+
+def test_an_out_of_memory_error_in_inference_names_lower_memory_settings():
+    from xpsr.config import InferConfig
+    from xpsr.memory.fit import guard_inference
+
+    with pytest.raises(MemoryPlanError) as e:
+        with guard_inference(InferConfig(input="-", output_dir="-")):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+    assert "\n" not in str(e.value) and "weights_storage=fp8 offload=model" in str(e.value)

@@ -245,7 +245,7 @@ class TrainConfig:
     adam_beta2: float = doc(0.999, "AdamW beta2", min=0, below=1)
     adam_weight_decay: float = doc(1e-2, "AdamW weight decay", min=0)
     adam_epsilon: float = doc(1e-8, "AdamW epsilon", above=0)
-    use_8bit_adam: bool = doc(False, "bitsandbytes AdamW8bit (needs a CUDA build of bitsandbytes)")
+    use_8bit_adam: bool = doc(False, "bitsandbytes AdamW8bit (pip install -e \".[lowmem]\"; also steps on CPU)")
     max_grad_norm: float = doc(1.0, "gradient clipping (0 = off)", min=0)
     mixed_precision: str = choice("fp32", ("fp32", "fp16", "bf16"), "autocast dtype of the forward; the frozen VAE and "
                                   "text encoder are stored in it (trainable weights stay fp32)")

@@ -142,3 +142,21 @@ def guard_training(cfg: TrainConfig, margin: Margin = DEFAULT_MARGIN):
     except torch.OutOfMemoryError:
         raise MemoryPlanError(too_big("CUDA ran out of memory:", None, free, cfg, preset, margin,
                                       planned_peak)) from None
+
+
+INFER_LOW_MEMORY = ("dtype=fp16 weights_storage=fp8 offload=model vae_decoder_tile=96 vae_tile_cache_mb=512 "
+                    "(or --config configs/infer/xpsr_8gb.yaml)")
+
+
+@contextlib.contextmanager
+def guard_inference(cfg):
+    """`xpsr infer`: a CUDA out-of-memory error in one line naming the settings that use less memory. (The
+    plan of one image is `xpsr plan what=infer`; the input sizes are only known image by image.)"""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise MemoryPlanError(f"CUDA ran out of memory (dtype={cfg.dtype}, weights_storage={cfg.weights_storage}, "
+                              f"offload={cfg.offload}, vae_decoder_tile={cfg.vae_decoder_tile}); settings that use "
+                              f"less: {INFER_LOW_MEMORY}; docs/gpu-memory.md has the planned peaks") from None

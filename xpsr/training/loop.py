@@ -194,7 +194,7 @@ def make_optimizer(cfg: TrainConfig, params: list) -> torch.optim.Optimizer:
         try:
             import bitsandbytes as bnb
         except ImportError as e:
-            raise RuntimeError("use_8bit_adam=true needs bitsandbytes with CUDA support") from e
+            raise RuntimeError('use_8bit_adam=true needs bitsandbytes: pip install -e ".[lowmem]"') from e
         return bnb.optim.AdamW8bit(params, **kwargs)
     return torch.optim.AdamW(params, **kwargs)
 

@@ -164,7 +164,7 @@ def test_cached_vae_latents_are_exact_crash_safe_and_keyed_by_the_vae(demo, tmp_
     from xpsr.training.step import training_step
 
     cache = tmp_path / "latents"
-    args = [f"data.pairs=[{demo.pairs[0]}]", f"data.latent_cache={cache}", "model.base=tiny", "output_dir=-"]
+    args = [f"data.pairs=[{demo.pairs[0]}]", f"data.latent_cache={cache}", "model.base=tiny"]
     assert cache_main(args) == 0
     entries = sorted(cache.glob("*.safetensors"))
     (cache / "x.safetensors.tmp").write_bytes(b"half an entry")  # what a killed run leaves
@@ -196,3 +196,15 @@ def test_an_out_of_memory_error_in_inference_names_lower_memory_settings():
         with guard_inference(InferConfig(input="-", output_dir="-")):
             raise torch.OutOfMemoryError("CUDA out of memory")
     assert "\n" not in str(e.value) and "weights_storage=fp8 offload=model" in str(e.value)
+
+
+def test_shipped_configs_plan_as_documented():
+    """configs/train/xpsr_sd15_{24,12}gb.yaml are planned rows of xpsr/memory/planned.jsonl (instant lookups
+    for the check before the first step), and they fit where docs/gpu-memory.md says."""
+    from xpsr.memory.fit import shipped_peaks, train_key
+
+    peaks, margin = shipped_peaks(), Margin()
+    big = load_config(TrainConfig, REPO / "configs" / "train" / "xpsr_sd15_24gb.yaml", allow_missing=True)
+    small = load_config(TrainConfig, REPO / "configs" / "train" / "xpsr_sd15_12gb.yaml", allow_missing=True)
+    assert big.batch_size == 8 and margin.needed_gib(peaks[train_key(big, "sd15")]) <= 24
+    assert 12 < margin.needed_gib(peaks[train_key(small, "sd15")]) < 12.5  # the documented 0.2 GiB miss

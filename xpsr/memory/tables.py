@@ -65,13 +65,18 @@ def _times(row: dict) -> str:
     return " | ".join(f"{est[g.name]:.2f}" if g.name in est else "" for g in GPUS)
 
 
+def _order(settings: dict, row: dict) -> int:
+    name = row["row"].split("/")[2]
+    return list(settings).index(name) if name in settings else len(settings)
+
+
 def markdown(rows: list[dict]) -> str:
     """The training and the inference table of planned rows (GiB; estimated seconds per step / image)."""
     gpus = " | ".join(g.name for g in GPUS)
     out = []
     for preset in ("sd15", "sd21"):
         train = sorted((r for r in rows if r["preset"] == preset and r["what"] == "train"),
-                       key=lambda r: (r["row"].split("/")[2], r["batch_size"]))
+                       key=lambda r: (_order(TRAIN_SETTINGS, r), r["batch_size"]))
         if train:
             out += [f"\n#### {preset}: one training step at 512 px (ESTIMATED seconds per step on the right)\n",
                     f"| setting | batch | planned peak GiB | with margin GiB | smallest card | {gpus} |",
@@ -79,7 +84,7 @@ def markdown(rows: list[dict]) -> str:
             out += [f"| {r['row'].split('/')[2]} | {r['batch_size']} | {r['peak_bytes'] / GIB:.2f} | "
                     f"{r['margin']['needed_gib']:.2f} | {_fits(r)} | {_times(r)} |" for r in train]
         infer = sorted((r for r in rows if r["preset"] == preset and r["what"] == "infer"),
-                       key=lambda r: (r["row"].split("/")[2], r["output_size"]))
+                       key=lambda r: (_order(INFER_SETTINGS, r), r["output_size"]))
         if infer:
             out += [f"\n#### {preset}: one super-resolution (x4) (ESTIMATED seconds per image on the right)\n",
                     f"| setting | output px | planned peak GiB | with margin GiB | smallest card | {gpus} |",

@@ -9,7 +9,9 @@
 ``--gpu-suite`` runs, one process each (so every peak-memory figure is its own), the commands below at SD 1.5
 shapes with random weights on ``cuda`` (speed and memory need no trained weights), and writes a Markdown
 table of what it measured beside what we *expect*: figures derived from counted FLOPs or from the
-weights' sizes, never measured by us (no GPU has been lent to this project). About 6 minutes on one H100.
+weights' sizes, never measured by us (no GPU has been lent to this project). About 6 minutes on one H100,
+plus the memory rows first: each plans its step on fake tensors (minutes on one CPU core) and runs it on the GPU
+(planned peak beside max_memory_allocated / reserved; docs/gpu-memory.md).
 """
 import json
 import subprocess

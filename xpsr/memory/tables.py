@@ -18,8 +18,7 @@ TRAIN_SETTINGS = {
 INFER_SETTINGS = {
     "multistep fp16 (20 steps, CFG)": ["infer.dtype=fp16", "infer.mode=multistep"],
     "one-step fp16": ["infer.dtype=fp16", "infer.mode=onestep"],
-    "multistep fp16, 8 GB tiles": ["infer.dtype=fp16", "infer.mode=multistep", "infer.vae_decoder_tile=96",
-                                   "infer.vae_tile=512", "infer.vae_tile_cache_mb=512"],
+    "8 GB setting, xpsr_8gb.yaml": ["infer_config=configs/infer/xpsr_8gb.yaml"],
 }
 
 
@@ -45,10 +44,10 @@ def _rows() -> list[tuple[str, list[str]]]:
                  _infer(preset, "multistep fp16 (20 steps, CFG)", 1024), _infer(preset, "one-step fp16", 1024),
                  _train(preset, names[0], 2), _train(preset, names[2], 1), _train(preset, names[3], 1),
                  _infer(preset, "multistep fp16 (20 steps, CFG)", 2048), _infer(preset, "one-step fp16", 2048),
-                 _infer(preset, "multistep fp16, 8 GB tiles", 2048),
+                 _infer(preset, "8 GB setting, xpsr_8gb.yaml", 2048),
                  _train(preset, names[4], 4), _train(preset, names[4], 2), _train(preset, names[0], 4),
                  _infer(preset, "multistep fp16 (20 steps, CFG)", 4096), _infer(preset, "one-step fp16", 4096),
-                 _infer(preset, "multistep fp16, 8 GB tiles", 4096),
+                 _infer(preset, "8 GB setting, xpsr_8gb.yaml", 4096),
                  _train(preset, names[0], 8), _train(preset, names[1], 8)]
     return rows
 

@@ -9,7 +9,9 @@
 ``--gpu-suite`` runs, one process each (so every peak-memory figure is its own), the commands below at SD 1.5
 shapes with random weights on ``cuda`` (speed and memory need no trained weights), and writes a Markdown
 table of what it measured beside what we *expect*: figures derived from counted FLOPs or from the
-weights' sizes, never measured by us (no GPU has been lent to this project). About 6 minutes on one H100.
+weights' sizes, never measured by us (no GPU has been lent to this project). About 6 minutes on one H100,
+plus the memory rows first: each plans its step on fake tensors (minutes on one CPU core) and runs it on the GPU
+(planned peak beside max_memory_allocated / reserved; docs/gpu-memory.md).
 """
 import json
 import subprocess
@@ -39,8 +41,33 @@ SUITE = [
 ]
 
 
-def gpu_suite(out_path: str) -> int:
+# Planned beside measured (docs/gpu-memory.md): our training step at SD 1.5 shapes, its plan on fake tensors and
+# torch.cuda.max_memory_allocated of the same step on the GPU. The stated margin is x1.10 + 1 GiB.
+MEMORY = [
+    ("memory: train 512 px x 1, official (fp16, frozen UNet fp32)", ["mixed_precision=fp16", "batch_size=1"]),
+    ("memory: train 512 px x 8, bf16 frozen parts + checkpointing + 8-bit AdamW",
+     ["mixed_precision=bf16", "frozen_unet_dtype=mixed_precision", "model.gradient_checkpointing=true",
+      "use_8bit_adam=true", "batch_size=8"]),
+]
+
+
+def memory_rows() -> list[tuple[str, str, str]]:
     rows = []
+    for label, overrides in MEMORY:
+        proc = subprocess.run([sys.executable, "-m", "xpsr.memory.validate", "sd15", "data.crop_size=512",
+                               *overrides], capture_output=True, text=True)
+        if proc.returncode != 0:
+            rows.append((label, f"failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}", ""))
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append((label, f"peak allocated {r['measured'] / 2**30:.2f} GiB, reserved {r['reserved'] / 2**30:.2f} "
+                     f"GiB, process {r['used_by_process'] / 2**30:.2f} GiB",
+                     f"PLANNED: {r['planned'] / 2**30:.2f} GiB ({r['error'] * 100:+.1f} % vs allocated)"))
+    return rows
+
+
+def gpu_suite(out_path: str) -> int:
+    rows = memory_rows()
     for label, overrides, expected in SUITE:
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "xpsr.cli", "bench", *overrides], capture_output=True,

@@ -23,6 +23,7 @@ from xpsr.config import (
     EvalConfig,
     ExportConfig,
     InferConfig,
+    PlanConfig,
     PrepareConfig,
     ServeConfig,
     TablesConfig,
@@ -77,9 +78,11 @@ def cmd_prepare(cfg: PrepareConfig) -> int:
 
 def cmd_train(cfg: TrainConfig) -> int:
     """Train XPSR (a non-finite loss or a data/model problem ends it with a readable message)."""
+    from xpsr.memory.fit import guard_training
     from xpsr.training.loop import run_training
 
-    summary = run_training(cfg)
+    with guard_training(cfg):  # on CUDA: the plan against free memory first; an OOM reported in one line
+        summary = run_training(cfg)
     print(f"train: {summary['steps']} steps in {summary['seconds']}s ({summary['steps_per_s']} steps/s), "
           f"last losses {summary['last']}")
     return 0
@@ -87,8 +90,10 @@ def cmd_train(cfg: TrainConfig) -> int:
 
 def cmd_infer(cfg: InferConfig) -> int:
     from xpsr.inference.run import run_inference
+    from xpsr.memory.fit import guard_inference
 
-    report = run_inference(cfg)
+    with guard_inference(cfg):  # a CUDA out-of-memory error as one line naming lower-memory settings
+        report = run_inference(cfg)
     return 1 if report["errors"] and not report["done"] else 0
 
 
@@ -198,6 +203,13 @@ def cmd_caption_import(cfg: CaptionImportConfig) -> int:
     return 0
 
 
+def cmd_plan(cfg) -> int:
+    """GPU memory plan of a training step or a super-resolution, counted on fake tensors (no GPU)."""
+    from xpsr.memory.plan import cmd_plan as run
+
+    return run(cfg)
+
+
 def cmd_serve(cfg: ServeConfig) -> int:
     """The web app; needs the `app` extra (pip install -e ".[app]")."""
     try:
@@ -230,6 +242,7 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "demo": (DemoConfig, cmd_demo, "pairs -> prompts -> train -> SR -> metrics -> report.html, tiny model, CPU"),
     "bench": (BenchConfig, cmd_bench, "time one training step (JSON on stdout)"),
     "serve": (ServeConfig, cmd_serve, "a web app (Gradio): upload an image, get it super-resolved"),
+    "plan": (PlanConfig, cmd_plan, "GPU memory plan (peak by category and module, cards, time estimates)"),
     "export": (ExportConfig, cmd_export, "weights -> a diffusers folder with a model card, for XPSRPipeline"),
 }
 

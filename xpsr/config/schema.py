@@ -182,6 +182,9 @@ class DatasetConfig:
     quality_dropout: float = doc(0.0, "probability of an empty quality prompt (for classifier-free guidance)",
                                   min=0, max=1)
     return_lr: bool = doc(False, "also return the native-size LR crop")
+    latent_cache: str | None = doc(None, "VAE posterior moments of the HR images made by `xpsr.training.latent_cache` "
+                                         "(a folder): the training step draws its latent sample from them and runs no "
+                                         "VAE encoder (needs crop_size = the HR size of the pairs)", nonempty=True)
     seed: int = doc(0, "seed of the per-sample randomness (crop, flip, dropout)", **SEED)
     allow_old_recipe: bool = doc(False, "read pair folders made by an older `prepare` recipe (warning) "
                                         "instead of failing; docs/data.md")
@@ -250,7 +253,7 @@ class TrainConfig:
     adam_beta2: float = doc(0.999, "AdamW beta2", min=0, below=1)
     adam_weight_decay: float = doc(1e-2, "AdamW weight decay", min=0)
     adam_epsilon: float = doc(1e-8, "AdamW epsilon", above=0)
-    use_8bit_adam: bool = doc(False, "bitsandbytes AdamW8bit (needs a CUDA build of bitsandbytes)")
+    use_8bit_adam: bool = doc(False, "bitsandbytes AdamW8bit (pip install -e \".[lowmem]\"; also steps on CPU)")
     max_grad_norm: float = doc(1.0, "gradient clipping (0 = off)", min=0)
     mixed_precision: str = choice("fp32", ("fp32", "fp16", "bf16"), "autocast dtype of the forward; the frozen VAE and "
                                   "text encoder are stored in it (trainable weights stay fp32)")
@@ -279,6 +282,9 @@ class TrainConfig:
     log_every: int = doc(10, "log losses every N steps", min=1)
     num_workers: int = doc(2, "DataLoader workers", min=0)
     device: str = doc("auto", "'auto' (accelerate decides), or 'cpu' to force the CPU", device=("auto", "cpu"))
+    memory_check: bool = doc(True, "on CUDA, compare the memory plan (xpsr plan) with the free GPU memory before the "
+                                   "first step and refuse, naming settings that fit (a shipped planned row is "
+                                   "instant; another setting is planned on fake tensors: a minute or two at SD size)")
 
 
 @dataclass
@@ -333,6 +339,13 @@ class InferConfig:
     seed: int = doc(0, "seed of the initial noise and the sampler", **SEED)
     dtype: str = choice("fp32", ("fp32", "fp16", "bf16"), "weights and compute dtype")
     device: str = doc("auto", "'auto' (the accelerate process's device), 'cpu', 'cuda'", device=DEVICE)
+    weights_storage: str = choice("same", ("same", "fp8"),
+                                  "same: weights stored in `dtype`; fp8: UNet and ControlNet weights stored in fp8 "
+                                  "(e4m3) and computed in `dtype` (bf16/fp16), diffusers' layerwise casting "
+                                  "(docs/gpu-memory.md: memory saved, PSNR cost)")
+    offload: str = choice("none", ("none", "model", "group"),
+                          "CPU offload: model = each part on the GPU only while it runs; group = block by block "
+                          "(diffusers' group offload; least memory, slowest)")
     latent_tile: int = doc(64, "latent tile size (x8 px); larger latents are denoised tile by tile (see "
                                "latent_tiling); 0 = never tile", min=0)
     latent_overlap: int = doc(16, "overlap of latent tiles (smaller than latent_tile)", min=0)
@@ -411,6 +424,9 @@ class ServeConfig:
     weights: str | None = doc(None, "as `xpsr infer weights=`; null = the freshly built model (tiny, no downloads)")
     device: str = doc("auto", "'auto' (cuda if available), 'cpu', 'cuda'", device=DEVICE)
     dtype: str = choice("fp32", ("fp32", "fp16", "bf16"), "weights and compute dtype")
+    weights_storage: str = choice("same", ("same", "fp8"), "as `xpsr infer weights_storage=`: fp8 storage of the UNet "
+                                  "and ControlNet weights, computed in `dtype`")
+    offload: str = choice("none", ("none", "model", "group"), "as `xpsr infer offload=`: CPU offload")
     scheduler: str = choice("ddpm", SCHEDULERS, "sampler (official test: DDPM)")
     mode: str | None = choice(None, ("multistep", "onestep"), "as `xpsr infer mode=`; null = what the weights were "
                               "trained for (onestep for a one-step student, else multistep)")
@@ -466,7 +482,32 @@ class EvalConfig:
 
 
 # configs/<folder>/*.yaml are validated against these schemas (tests load every file).
+@dataclass
+class PlanConfig:
+    """`xpsr plan`: peak GPU memory of one training step or one super-resolution, by category and module."""
+
+    what: str = choice("train", ("train", "infer"), "plan one training step or one super-resolution")
+    preset: str = choice("sd15", ("tiny", "sd15", "sd21", "sd15-narrow"),
+                         "model shapes (random weights; only shapes matter); sd15-narrow: SD 1.5's layout with "
+                         "fewer channels (the CPU validation)")
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="-"))
+    infer: InferConfig = field(default_factory=lambda: InferConfig(input="-", output_dir="-"))
+    train_config: str | None = doc(None, "what=train: an `xpsr train` YAML that replaces the train section",
+                                   nonempty=True)
+    infer_config: str | None = doc(None, "what=infer: an `xpsr infer` YAML that replaces the infer section",
+                                   nonempty=True)
+    output_size: int = doc(512, "what=infer: output side in px (input = output / infer.upscale)", min=8)
+    fragmentation: float = doc(0.10, "margin: the caching allocator's share on top of the planned peak", min=0)
+    fixed_gib: float = doc(1.0, "margin: GiB for the CUDA context, cuBLAS/cuDNN workspaces and kernels", min=0)
+    cards_gib: list[float] = doc([8, 12, 16, 24, 40, 80], "card sizes (GiB) to check the plan against")
+    free_gib: float | None = doc(None, "compare with this much free memory (GiB) and refuse, naming settings "
+                                       "that fit, if the plan does not fit (what `xpsr train` does on CUDA)", min=0)
+    output: str | None = doc(None, "also write the whole plan (categories, modules, estimates) as JSON here",
+                             nonempty=True)
+
+
 SCHEMAS: dict[str, type] = {"model": ModelConfig, "demo": DemoConfig, "bench": BenchConfig,
                            "data": PrepareConfig, "caption": CaptionConfig, "train": TrainConfig,
-                           "infer": InferConfig, "eval": EvalConfig, "serve": ServeConfig}
+                           "infer": InferConfig, "eval": EvalConfig, "serve": ServeConfig,
+                           "plan": PlanConfig}
 

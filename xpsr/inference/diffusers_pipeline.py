@@ -248,6 +248,14 @@ class XPSRPipeline(DiffusionPipeline):
     def disable_vae_slicing(self) -> None:
         self.vae.disable_slicing()
 
+    def enable_low_memory(self, weights_storage: str = "fp8", offload: str = "none", device=None) -> None:
+        """fp8 storage of the UNet/ControlNet weights, computed in their current half precision, and/or CPU
+        offload (``model`` or ``group``): diffusers' mechanisms, see xpsr.inference.low_memory."""
+        from xpsr.inference.low_memory import apply_low_memory
+
+        dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.unet.dtype, "fp32")
+        apply_low_memory(self, weights_storage, offload, dtype, device or self.device)
+
     def enable_vae_tiling(self, tile_size: int = InferConfig.vae_tile) -> None:
         """Encode/decode through our tiled VAE path (``InferConfig.vae_tile``) above ``tile_size`` px; on by
         default with ``xpsr infer``'s tile (1024 px), so a bare call keeps the pipeline equal to ``xpsr infer``.

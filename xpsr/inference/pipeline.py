@@ -14,6 +14,7 @@ from PIL import Image
 
 from xpsr.config import InferConfig
 from xpsr.inference.color import fix_colors
+from xpsr.inference.low_memory import compute_dtype
 from xpsr.inference.tiling import (
     blend_latent_tiles,
     vae_decode,
@@ -146,7 +147,7 @@ def guided_noise(modules, latents, t, lr_cond, content, quality, cfg: InferConfi
     Large latents are predicted tile by tile (``latent_tiling``) and blended before the guidance, as the
     official pipeline does. ``modules.cross_attention_kwargs`` (set by XPSRPipeline for one call, as
     diffusers pipelines keep it) reaches every attention processor of the ControlNet and the UNet."""
-    dtype = next(modules.unet.parameters()).dtype
+    dtype = compute_dtype(modules.unet)  # fp8-stored weights compute in half precision
     guided = cfg.guidance_scale > 1.0
     attention_kwargs = getattr(modules, "cross_attention_kwargs", None)
     f = vae_scale_factor(modules.vae)
@@ -209,7 +210,7 @@ def prompt_embeddings(modules, content_prompt: str, quality_prompt: str, cfg: In
                       device) -> tuple[torch.Tensor, torch.Tensor]:
     """(content, quality) embeddings, batched [negative; positive] with CFG, only the positive without it
     (``guidance_scale <= 1`` or ``mode=onestep``); the added prompt follows a space (official script)."""
-    dtype = next(modules.unet.parameters()).dtype
+    dtype = compute_dtype(modules.unet)  # fp8-stored weights compute in half precision
     content = content_prompt_used(content_prompt, cfg)
     tok, enc = modules.tokenizer, modules.text_encoder
     c = encode_prompts(tok, enc, [cfg.negative_prompt, content], device).to(dtype)

@@ -358,6 +358,9 @@ def run_inference(cfg: InferConfig) -> dict:
             m.to(device).eval()
             if cfg.dtype != "fp32":
                 m.to(dtype=DTYPES[cfg.dtype])
+        from xpsr.inference.low_memory import apply_low_memory
+
+        apply_low_memory(modules, cfg.weights_storage, cfg.offload, cfg.dtype, device)
         prompts = PromptSource(cfg)
         try:
             bar = {"desc": f"infer [{state.process_index}/{state.num_processes}]", "disable": not state.is_main_process}

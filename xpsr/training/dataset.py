@@ -84,6 +84,11 @@ class PairedPromptDataset(Dataset):
             raise ValueError(f"data.crop_size={cfg.crop_size} is not a multiple of the scale x{self.scale} of "
                              f"{manifest}: the LR crop would be {cfg.crop_size / self.scale:g} px")
         self.prompts = self._resolve_prompts()
+        self.latents = None
+        if cfg.latent_cache:  # cached VAE moments of the HR images (xpsr.data.latent_cache)
+            from xpsr.data.latent_cache import LatentCache
+
+            self.latents = LatentCache(cfg.latent_cache)
 
     def _check_recipes(self, manifest: Path) -> None:
         """Pairs of an older `prepare` recipe fail (or warn with allow_old_recipe): their LR images differ."""
@@ -178,10 +183,12 @@ class PairedPromptDataset(Dataset):
         if lr.shape[0] < lc or lr.shape[1] < lc:
             raise PairDataError(f"{self._where(index)}: LR {lr.shape[1]}x{lr.shape[0]} is smaller than the {lc}px "
                                 "crop")
+        full_hw = hr.shape[:2]
         y, x = int(rng.integers(0, lr.shape[0] - lc + 1)), int(rng.integers(0, lr.shape[1] - lc + 1))
         lr = lr[y:y + lc, x:x + lc]
         hr = hr[y * s:(y + lc) * s, x * s:(x + lc) * s]
-        if cfg.hflip and rng.uniform() < 0.5:
+        flip = bool(cfg.hflip and rng.uniform() < 0.5)
+        if flip:
             lr, hr = lr[:, ::-1], hr[:, ::-1]
         content, quality, hr_quality = self.prompts[index]
         hr_t, lr_t = _to_tensor(hr), _to_tensor(lr)
@@ -198,7 +205,19 @@ class PairedPromptDataset(Dataset):
                   "quality_prompt": quality, "id": r["id"], "hr_as_condition": hr_as_condition}
         if cfg.return_lr:
             sample["lr"] = lr_t
+        if self.latents is not None:
+            sample["hr_moments"] = self._moments(index, full_hw, flip)
         return sample
+
+    def _moments(self, index: int, full_hw: tuple[int, int], flipped: bool) -> torch.Tensor:
+        """The cached moments of the whole HR image: a smaller crop would need the moments of that crop."""
+        r = self.records[index]
+        if tuple(full_hw) != (self.cfg.crop_size, self.cfg.crop_size):
+            raise PairDataError(f"{self._where(index)}: data.latent_cache needs data.crop_size equal to the HR size "
+                                f"of the pairs ({full_hw[1]}x{full_hw[0]}), not {self.cfg.crop_size}")
+        from xpsr.data.images import file_hash
+
+        return self.latents.moments(r.get("hr_hash") or file_hash(self.folder / r["hr"]), flipped)
 
 
 class CombinedDataset(Dataset):

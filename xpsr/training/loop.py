@@ -205,7 +205,7 @@ def make_optimizer(cfg: TrainConfig, params: list) -> torch.optim.Optimizer:
         try:
             import bitsandbytes as bnb
         except ImportError as e:
-            raise RuntimeError("use_8bit_adam=true needs bitsandbytes with CUDA support") from e
+            raise RuntimeError('use_8bit_adam=true needs bitsandbytes: pip install -e ".[lowmem]"') from e
         return bnb.optim.AdamW8bit(params, **kwargs)
     return torch.optim.AdamW(params, **kwargs)
 
@@ -258,6 +258,10 @@ def make_data(s: Session) -> None:
 
     s.dataset, sampler = build_dataset(s.cfg.data, s.accelerator.process_index, s.accelerator.num_processes,
                                        start=s.state.samples)
+    if s.cfg.data.latent_cache:  # cached HR moments: refuse those of another VAE (docs/gpu-memory.md)
+        from xpsr.training.latent_cache import check_cache
+
+        check_cache(s.cfg.data.latent_cache, s.modules.vae)
     # Each sample carries its global stream position, which seeds its noise and timestep (per-sample streams)
     # Its own generator: creating the iterator draws the workers' base seed from it instead of from the
     # global torch RNG, whose checkpointed state would otherwise differ between a straight and a resumed run.

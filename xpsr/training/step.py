@@ -63,11 +63,16 @@ def training_step(modules, batch: dict, dfc: DFCConfig, content_prompt: str = "c
     device = hr.device
     b = hr.shape[0]
 
-    # 1. HR -> latents with the frozen VAE (scaled as SD expects)
+    # 1. HR -> latents with the frozen VAE (scaled as SD expects); a sample is drawn every step
     with torch.no_grad():
-        posterior = vae.encode(hr.to(weight_dtype)).latent_dist
-        noise_vae = _randn(posterior.mean.shape, generator).to(device)
-        hr_latents = (posterior.mean + posterior.std * noise_vae.to(posterior.mean.dtype)).float()
+        if "hr_moments" in batch:  # cached posterior (mean, log-variance): no VAE encoder in the step
+            mean, logvar = batch["hr_moments"].float().chunk(2, dim=1)
+            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        else:
+            posterior = vae.encode(hr.to(weight_dtype)).latent_dist
+            mean, std = posterior.mean, posterior.std
+        noise_vae = _randn(mean.shape, generator).to(device)
+        hr_latents = (mean + std * noise_vae.to(mean.dtype)).float()
         hr_latents = hr_latents * vae.config.scaling_factor
 
     # 2. noise at uniformly drawn timesteps

@@ -296,6 +296,9 @@ class Engine:
             m.to(self.device).eval()
             if cfg.dtype != "fp32":
                 m.to(dtype=DTYPES[cfg.dtype])
+        from xpsr.inference.low_memory import apply_low_memory
+
+        apply_low_memory(self.modules, cfg.weights_storage, cfg.offload, cfg.dtype, self.device)
         self._captioner = None
         self._counter = itertools.count(1)
 

@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""The quality cost of fp8 weight storage (docs/gpu-memory.md): PSNR of the SR image with the UNet and
+ControlNet stored in fp8 (computed in bf16) against the bf16 image, and the weight bytes saved.
+
+    python scripts/fp8_quality.py tiny sd15-narrow sd15      # random weights (zero-inits filled), CPU, minutes
+"""
+import json
+import sys
+
+import numpy as np
+import torch
+
+from xpsr.config import InferConfig, ModelConfig
+from xpsr.inference.low_memory import apply_low_memory
+from xpsr.inference.pipeline import super_resolve
+from xpsr.memory.build import build_modules
+
+
+def weight_bytes(*models) -> int:
+    return sum(p.numel() * p.element_size() for m in models for p in m.parameters())
+
+
+def measure(preset: str, lr_side: int = 64, steps: int = 4) -> dict:
+    modules = build_modules(preset, ModelConfig(), device="cpu")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # the zero-initialised XPSR weights get noise, so every path is in the comparison
+        for p in list(modules.unet.parameters()) + list(modules.controlnet.parameters()):
+            if p.abs().max() == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    for m in (modules.unet, modules.controlnet, modules.vae, modules.text_encoder):
+        m.eval().to(dtype=torch.bfloat16)
+    cfg = InferConfig(input="-", output_dir="-", num_inference_steps=steps, process_size=lr_side * 4, dtype="bf16")
+    lr = np.random.default_rng(0).integers(0, 255, (lr_side, lr_side, 3), dtype=np.uint8)
+    ref = super_resolve(modules, lr, "a photo of a cat", "blurry, noisy", cfg, torch.device("cpu"))
+    before = weight_bytes(modules.unet, modules.controlnet)
+    apply_low_memory(modules, "fp8", "none", "bf16", "cpu")
+    out = super_resolve(modules, lr, "a photo of a cat", "blurry, noisy", cfg, torch.device("cpu"))
+    mse = np.mean((out.astype(np.float64) - ref.astype(np.float64)) ** 2)
+    return {"preset": preset, "output_px": lr_side * 4, "steps": steps,
+            "psnr_fp8_vs_bf16_db": round(float(10 * np.log10(255**2 / mse)) if mse else float("inf"), 2),
+            "unet_controlnet_weights_bf16_gib": round(before / 2**30, 3),
+            "unet_controlnet_weights_fp8_gib": round(weight_bytes(modules.unet, modules.controlnet) / 2**30, 3)}
+
+
+if __name__ == "__main__":
+    for preset in sys.argv[1:] or ["tiny"]:
+        print(json.dumps(measure(preset)), flush=True)

@@ -1,6 +1,6 @@
 """``xpsr SUBCOMMAND [--config FILE] [key=value ...]`` -- one subcommand per stage.
 
-Every subcommand reads one config schema (xpsr/config/schema.py); ``xpsr SUBCOMMAND --help`` lists its keys.
+Every subcommand reads one config schema (xpsr/config/); ``xpsr SUBCOMMAND --help`` lists its keys.
 """
 from __future__ import annotations
 

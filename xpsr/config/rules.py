@@ -1,4 +1,4 @@
-"""Value rules of config fields: declared next to each field in xpsr/config/schema.py, checked by ``load_config``.
+"""Value rules of config fields: declared next to each field in xpsr/config/, checked by ``load_config``.
 
 A field declares its rules as keyword arguments of ``doc()``/``choice()`` (defined here), e.g.
 ``crop_size: int = doc(512, "HR crop size", min=1)`` or ``sizes: list[int] = doc([...], "...", odd=True)``.
@@ -25,7 +25,7 @@ RULES = ("min", "max", "above", "below", "odd", "multiple_of", "nonempty", "leng
 DEVICE_FORMS = {"auto": r"auto", "cpu": r"cpu", "cuda": r"cuda(:\d+)?", "mps": r"mps"}
 INT64 = 2**63 - 1
 
-# Value sets shared by several schemas (xpsr/config/schema.py, tools.py).
+# Value sets shared by several schemas (xpsr/config/, tools.py).
 FUSION_MODES = ("sfa", "sequential", "content_only", "quality_only")
 SCHEDULERS = ("ddpm", "ddim", "unipc", "dpmsolver++")
 COLOR_FIXES = ("adain", "wavelet", "none")

@@ -1,5 +1,5 @@
 """Config schemas of the tools around the pipeline -- `xpsr bench` and `xpsr tables` (re-exported by
-xpsr/config/schema.py); the value rules next to each field are explained in xpsr/config/rules.py."""
+xpsr/config/); the value rules next to each field are explained in xpsr/config/rules.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass

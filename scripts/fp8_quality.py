@@ -4,8 +4,8 @@ ControlNet stored in fp8 (computed in bf16) against the bf16 image, and the weig
 
     python scripts/fp8_quality.py tiny sd15-narrow sd15      # random weights (zero-inits filled), CPU, minutes
 """
+import argparse
 import json
-import sys
 
 import numpy as np
 import torch
@@ -43,5 +43,7 @@ def measure(preset: str, lr_side: int = 64, steps: int = 4) -> dict:
 
 
 if __name__ == "__main__":
-    for preset in sys.argv[1:] or ["tiny"]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("presets", nargs="*", default=["tiny"], help="tiny, sd15-narrow, sd15 (random weights)")
+    for preset in parser.parse_args().presets:
         print(json.dumps(measure(preset)), flush=True)

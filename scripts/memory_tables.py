@@ -2,10 +2,11 @@
 """Plan the rows of docs/gpu-memory.md's tables (SD 1.5 / 2.1, training and inference), one JSON line per row.
 
     python scripts/memory_tables.py OUT.jsonl [--only sd15] [--worker I/N]   # minutes per row on one CPU core
-    python scripts/memory_tables.py --markdown OUT.jsonl                    # the tables from the rows
+    python scripts/memory_tables.py OUT.jsonl --markdown                    # the tables from the rows
 
 Rows already in OUT.jsonl are skipped, so an interrupted run continues; ``--worker I/N`` takes every N-th row.
 """
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -16,13 +17,18 @@ from xpsr.memory.tables import ROWS, markdown
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["--markdown"]:
-        rows = [json.loads(line) for line in Path(argv[1]).read_text().splitlines() if line.strip()]
-        print(markdown(rows))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", help="JSON-lines file of planned rows (appended; rows already there are skipped)")
+    parser.add_argument("--markdown", action="store_true", help="print the tables of the rows in OUT instead")
+    parser.add_argument("--only", help="plan only the rows whose name starts with this (e.g. sd15)")
+    parser.add_argument("--worker", default="0/1", help="I/N: plan every N-th row from the I-th")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.markdown:
+        print(markdown([json.loads(line) for line in out.read_text().splitlines() if line.strip()]))
         return 0
-    out = Path(argv[0])
-    only = argv[argv.index("--only") + 1] if "--only" in argv else None
-    worker, workers = (int(x) for x in argv[argv.index("--worker") + 1].split("/")) if "--worker" in argv else (0, 1)
+    only = args.only
+    worker, workers = (int(x) for x in args.worker.split("/"))
     done = set()
     if out.exists():
         done = {json.loads(line)["row"] for line in out.read_text().splitlines() if line.strip()}

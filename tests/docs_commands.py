@@ -19,7 +19,8 @@ from pathlib import Path
 
 # scripts that pass their arguments to one subcommand of xpsr.cli
 WRAPPERS = {"prepare.py": "prepare", "caption.py": "caption", "train.py": "train", "infer.py": "infer",
-            "evaluate.py": "eval", "benchmark.py": "bench"}
+            "evaluate.py": "eval", "benchmark.py": "bench",
+            "cache_latents.py": "train"}  # reads the training config (model.base, data.pairs, data.latent_cache)
 LAUNCHERS = {"accelerate", "torchrun"}
 EXPECT_FAIL = "<!-- expect-fail -->"
 FENCE = re.compile(r"^\s*(```|~~~)")

@@ -249,7 +249,7 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
 # Keys whose value is the path of another config file, and the schema (configs/ folder) it is read with.
 CONFIG_REFS = {"onestep.teacher_infer_config": "infer", "validation.infer_config": "infer",
                "caption_first": "caption", "content_captioner": "caption"}
-PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+PACKAGE_CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the checkout's configs/ beside the xpsr package
 
 
 def _ref_candidates(value: str, layer: Layer | None) -> list[Path]:

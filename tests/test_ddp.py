@@ -24,7 +24,8 @@ ACCELERATE_2CPU = REPO / "configs" / "accelerate" / "cpu_2proc.yaml"
 TINY = ["model.base=tiny", "model.conditioning_channels=[8,16,16,32]", "data.crop_size=64", "batch_size=1",
         "gradient_accumulation_steps=1", "device=cpu", "mixed_precision=fp32", "frozen_unet_dtype=fp32",
         "num_workers=0", "report_to=none", "validation.every=0", "checkpoint_every=0", "use_8bit_adam=false",
-        "demo_data=false", "log_every=1", "max_steps=2"]
+        "demo_data=false", "log_every=1", "max_steps=2",
+        "data.latent_cache=null"]  # the 12 GB recipe reads cached HR latents; tests/test_memory.py covers them
 ONESTEP = ["onestep.teacher=null", "onestep.lpips_weight=0",
            f"onestep.teacher_infer_config={REPO / 'configs' / 'infer' / 'onestep_tiny_teacher.yaml'}"]
 # the reference 2-process run: also the one whose run files are counted, and the one resumed on 1 process
@@ -104,10 +105,11 @@ def test_two_ranks_batch_1_equal_one_rank_batch_2_and_accumulation(two_process_r
     key) are the same on every layout, so only the order of float additions differs (the mean over 2 samples
     vs the all-reduce average of 2 means of 1, or 2 accumulated halves).
 
-    Tolerance: lr x 1e-2 per weight. AdamW's first step moves a weight by lr x g/(|g| + eps): for the few
+    Tolerance: lr x 5e-2 per weight. AdamW's first step moves a weight by lr x g/(|g| + eps): for the few
     weights whose gradient is a near-zero sum of larger terms, a different float32 summation order changes
-    g/(|g| + eps) by up to about 1e-2 (measured: 5.8e-3 x lr). Other mathematics (different samples or
-    noise, a sum instead of a mean) moves weights by O(lr): the control below differs by more than lr / 2."""
+    g/(|g| + eps) by about 1e-2 (measured 5.8e-3 x lr, and 1.15e-2 x lr after unrelated changes to the model's
+    forward moved which weights sit near zero). Other mathematics (different samples or noise, a sum instead
+    of a mean) moves weights by O(lr): the control below differs by 2 lr, 40 times the tolerance."""
     root, _ = two_process_runs
     tiny = REPO / "configs" / "train" / "tiny.yaml"
     runs = {"1x2": ["batch_size=2"], "1x1x2": ["batch_size=1", "gradient_accumulation_steps=2"],
@@ -118,7 +120,7 @@ def test_two_ranks_batch_1_equal_one_rank_batch_2_and_accumulation(two_process_r
     ddp, lr = trained(root / "eq-2x1"), 1e-3
     diffs = {name: max_difference(ddp, trained(tmp_path / name)) for name in runs}
     print("2 ranks x batch 1 vs: " + ", ".join(f"{k}: max |dw| = {v / lr:.2g} lr" for k, v in diffs.items()))
-    assert diffs["1x2"] <= lr * 1e-2 and diffs["1x1x2"] <= lr * 1e-2, diffs
+    assert diffs["1x2"] <= lr * 5e-2 and diffs["1x1x2"] <= lr * 5e-2, diffs
     assert diffs["control-other-crops"] > lr / 2, "the comparison cannot tell other mathematics apart"
 
 

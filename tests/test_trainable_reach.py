@@ -13,7 +13,8 @@ RECIPES = sorted(p.name for p in (REPO / "configs" / "train").glob("*.yaml"))
 TINY = ["model.base=tiny", "model.conditioning_channels=[8,16,16,32]", "data.crop_size=64", "batch_size=2",
         "gradient_accumulation_steps=1", "device=cpu", "mixed_precision=fp32", "frozen_unet_dtype=fp32",
         "num_workers=0", "report_to=none", "validation.every=0", "checkpoint_every=0", "max_steps=1",
-        "use_8bit_adam=false", "demo_data=false"]
+        "use_8bit_adam=false", "demo_data=false",
+        "data.latent_cache=null"]  # the 12 GB recipe reads cached HR latents; tests/test_memory.py covers them
 ONESTEP = ["onestep.teacher=null", "onestep.lpips_weight=0",
            f"onestep.teacher_infer_config={REPO / 'configs' / 'infer' / 'onestep_tiny_teacher.yaml'}"]
 

@@ -36,8 +36,10 @@ from xpsr.training.checkpointing import (
     save_checkpoint,
     warn_if_schedule_changes,
 )
+from xpsr.training.dataset import build_dataset
 from xpsr.training.determinism import deterministic_mode, seed_everything
 from xpsr.training.integrity import CheckpointWarning, disk_full_is_an_error, write_text_atomic
+from xpsr.training.latent_cache import check_cache
 from xpsr.training.runfiles import _flat, environment
 from xpsr.training.sharded import save_gathered_checkpoint, save_gathered_final
 from xpsr.training.step import training_step
@@ -254,21 +256,15 @@ def _choose_checkpoint(s: Session) -> Path | None:
 
 def make_data(s: Session) -> None:
     """The dataset and a loader that continues at the resumed data position."""
-    from xpsr.training.dataset import build_dataset
-
     s.dataset, sampler = build_dataset(s.cfg.data, s.accelerator.process_index, s.accelerator.num_processes,
                                        start=s.state.samples)
     if s.cfg.data.latent_cache:  # cached HR moments: refuse those of another VAE (docs/gpu-memory.md)
-        from xpsr.training.latent_cache import check_cache
-
         check_cache(s.cfg.data.latent_cache, s.modules.vae)
-    # Each sample carries its global stream position, which seeds its noise and timestep (per-sample streams)
-    # Its own generator: creating the iterator draws the workers' base seed from it instead of from the
-    # global torch RNG, whose checkpointed state would otherwise differ between a straight and a resumed run.
+    # Each sample carries its global stream position (it seeds its noise and timestep). Its own generator: the
+    # workers' base seed comes from it, not from the global RNG (which differs between straight and resumed runs).
     s.loader = torch.utils.data.DataLoader(
         PositionedDataset(s.dataset), batch_size=s.cfg.batch_size, sampler=PositionedSampler(sampler),
-        num_workers=s.cfg.num_workers,
-        pin_memory=s.accelerator.device.type == "cuda",
+        num_workers=s.cfg.num_workers, pin_memory=s.accelerator.device.type == "cuda",
         generator=torch.Generator().manual_seed(s.cfg.seed * 1000 + s.accelerator.process_index))
 
 

@@ -69,25 +69,26 @@ def _order(settings: dict, row: dict) -> int:
     return list(settings).index(name) if name in settings else len(settings)
 
 
+def _table(rows: list[dict], title: str, size_key: str, size_title: str) -> list[str]:
+    """One Markdown table of planned rows: peak, peak with margin, smallest card, estimated times per card."""
+    gpus = " | ".join(g.name for g in GPUS)
+    return [f"\n#### {title} (ESTIMATED seconds per {'step' if size_key == 'batch_size' else 'image'} on the right)\n",
+            f"| setting | {size_title} | planned peak GiB | with margin GiB | smallest card | {gpus} |",
+            "| --- | --- | --- | --- | --- |" + " --- |" * len(GPUS)] + [
+        f"| {r['row'].split('/')[2]} | {r[size_key]} | {r['peak_bytes'] / GIB:.2f} | "
+        f"{r['margin']['needed_gib']:.2f} | {_fits(r)} | {_times(r)} |" for r in rows]
+
+
 def markdown(rows: list[dict]) -> str:
     """The training and the inference table of planned rows (GiB; estimated seconds per step / image)."""
-    gpus = " | ".join(g.name for g in GPUS)
     out = []
     for preset in ("sd15", "sd21"):
         train = sorted((r for r in rows if r["preset"] == preset and r["what"] == "train"),
                        key=lambda r: (_order(TRAIN_SETTINGS, r), r["batch_size"]))
         if train:
-            out += [f"\n#### {preset}: one training step at 512 px (ESTIMATED seconds per step on the right)\n",
-                    f"| setting | batch | planned peak GiB | with margin GiB | smallest card | {gpus} |",
-                    "| --- | --- | --- | --- | --- |" + " --- |" * len(GPUS)]
-            out += [f"| {r['row'].split('/')[2]} | {r['batch_size']} | {r['peak_bytes'] / GIB:.2f} | "
-                    f"{r['margin']['needed_gib']:.2f} | {_fits(r)} | {_times(r)} |" for r in train]
+            out += _table(train, f"{preset}: one training step at 512 px", "batch_size", "batch")
         infer = sorted((r for r in rows if r["preset"] == preset and r["what"] == "infer"),
                        key=lambda r: (_order(INFER_SETTINGS, r), r["output_size"]))
         if infer:
-            out += [f"\n#### {preset}: one super-resolution (x4) (ESTIMATED seconds per image on the right)\n",
-                    f"| setting | output px | planned peak GiB | with margin GiB | smallest card | {gpus} |",
-                    "| --- | --- | --- | --- | --- |" + " --- |" * len(GPUS)]
-            out += [f"| {r['row'].split('/')[2]} | {r['output_size']} | {r['peak_bytes'] / GIB:.2f} | "
-                    f"{r['margin']['needed_gib']:.2f} | {_fits(r)} | {_times(r)} |" for r in infer]
+            out += _table(infer, f"{preset}: one super-resolution (x4)", "output_size", "output px")
     return "\n".join(out)

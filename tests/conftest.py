@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random models built in code, no downloads."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -104,3 +105,27 @@ def write_png_bomb(path: Path, side: int = 30000) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
     return path
+
+
+@contextlib.contextmanager
+def served_client(folder, *overrides: str):
+    """The tiny CPU web app (configs/serve/tiny_cpu.yaml) served in this process on a free port of 127.0.0.1, and
+    a gradio_client on it; results and Gradio's temporary files under ``folder``."""
+    import socket
+
+    from gradio_client import Client
+
+    from xpsr.apps.serve.app import serve
+    from xpsr.config import ServeConfig, load_config
+
+    os.environ["GRADIO_TEMP_DIR"] = str(folder / "gradio")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = load_config(ServeConfig, REPO / "configs" / "serve" / "tiny_cpu.yaml",
+                      [f"output_dir={folder / 'results'}", f"port={port}", *overrides])
+    app = serve(cfg, block=False)
+    try:
+        yield Client(app.local_url, verbose=False, analytics_enabled=False)
+    finally:
+        app.close()

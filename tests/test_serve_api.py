@@ -5,12 +5,11 @@ XPSRPipeline apply, with the same message. The server runs in this process (no s
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, served_client
 from onestep_helpers import onestep_config
 from PIL import Image
 
@@ -103,20 +102,8 @@ def test_trained_settings_of_an_export_folder(tmp_path):
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     """The tiny CPU app served in this process on a free port, and a gradio_client on it."""
-    from gradio_client import Client
-
-    from xpsr.apps.serve.app import serve
-
-    folder = tmp_path_factory.mktemp("serve_api")
-    os.environ["GRADIO_TEMP_DIR"] = str(folder / "gradio")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = serve(load_config(ServeConfig, TINY, [f"output_dir={folder / 'results'}", f"port={port}"]), block=False)
-    try:
-        yield Client(app.local_url, verbose=False, analytics_enabled=False)
-    finally:
-        app.close()
+    with served_client(tmp_path_factory.mktemp("serve_api")) as c:
+        yield c
 
 
 def test_the_api_has_named_parameters_and_outputs(client):

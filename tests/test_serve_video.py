@@ -4,12 +4,11 @@ returns the clip. The model is the tiny random one on CPU, one step."""
 from __future__ import annotations
 
 import os
-import socket
 
 import av
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, served_client
 
 from xpsr.config import ServeConfig, load_config
 from xpsr.video.synthetic import write_clip
@@ -90,22 +89,9 @@ def test_a_frame_over_the_size_limits_is_refused(engine, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    """The tiny CPU app served in this process on a free port (as in test_serve_api.py), and a gradio_client."""
-    from gradio_client import Client
-
-    from xpsr.apps.serve.app import serve
-
-    folder = tmp_path_factory.mktemp("serve_video_api")
-    os.environ["GRADIO_TEMP_DIR"] = str(folder / "gradio")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = serve(load_config(ServeConfig, TINY, [f"output_dir={folder / 'results'}", f"port={port}",
-                                                "max_video_frames=2"]), block=False)
-    try:
-        yield Client(app.local_url, verbose=False, analytics_enabled=False)
-    finally:
-        app.close()
+    """The tiny CPU app served in this process on a free port, and a gradio_client on it."""
+    with served_client(tmp_path_factory.mktemp("serve_video_api"), "max_video_frames=2") as c:
+        yield c
 
 
 def test_the_video_endpoint_returns_the_clip_and_its_frames(client, tmp_path):

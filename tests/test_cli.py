@@ -60,6 +60,7 @@ def test_gpu_suite_writes_measured_beside_expected(tmp_path, monkeypatch):
     spec.loader.exec_module(script)
     assert all(expected.startswith("EXPECTED") for _, _, expected in script.SUITE)
     monkeypatch.chdir(REPO)
+    monkeypatch.setattr(script, "MEMORY", [])  # its rows plan SD 1.5 and need CUDA: tests/test_memory.py covers them
     monkeypatch.setattr(script, "SUITE", [
         ("tiny step", ["steps=1", "warmup=0", "resolution=32", "batch_size=1"], "EXPECTED: anything"),
         ("bad device", ["device=tpu"], "EXPECTED: a refusal")])

@@ -93,7 +93,8 @@ BAD_VALUES = {  # key (where the schema has it) -> values that must all be refus
     "model.conditioning_channels": ["[]", "[0, 1, 2, 3]"], "model.seed": ["99999999999999999999999"],
     "data.crop_size": ["100", "-64"], "validation.scheduler": ["euler"], "lr_size": ["-1"], "visual_crop": ["-1"],
     "dataset": ["Set5"], "max_file_mb": ["0"], "added_noise_level": ["-1", "1000"], "ema_decay": ["2"],
-    "adam_beta2": ["1.0"], "vae_tile": ["-1"], "kind": ["both"], "timeout_s": ["-1"],
+    "adam_beta2": ["1.0"], "vae_tile": ["-1"], "kind": ["both"], "timeout_s": ["-1"], "output_size": ["0", "-8"],
+    "fragmentation": ["-0.1"], "fixed_gib": ["-1"], "max_video_frames": ["0"],
 }
 
 

@@ -19,3 +19,24 @@ def children(pid: int) -> list[int]:
             except (OSError, IndexError, ValueError):
                 continue
     return found
+
+
+# The start of a worker script (`python -c`) that runs the real `xpsr infer` loop with a fake model: each image is
+# a 0.3 s nearest-neighbour upscale, and every save is noted "start"/"written" by ``note(word, path)``, which the
+# script defines before calling ``install_fake_infer(note)``. Claims and sharing are what the tests look at.
+FAKE_INFER = """
+import os, sys, time
+import numpy as np
+import xpsr.inference.run as run_mod
+from xpsr.config import InferConfig, load_config
+def install_fake_infer(note):
+    def fake(modules, lr, content, quality, cfg, device):
+        time.sleep(0.3)
+        return np.repeat(np.repeat(lr, cfg.upscale, axis=0), cfg.upscale, axis=1)
+    real_save = run_mod.save_png_atomic
+    def save(array, path):
+        note("start", path)
+        real_save(array, path)
+        note("written", path)
+    run_mod.super_resolve, run_mod.save_png_atomic = fake, save
+"""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from conftest import REPO
+from node_helpers import FAKE_INFER
 from node_helpers import children as _children
 from node_helpers import free_port as _free_port
 
@@ -112,28 +113,16 @@ def test_a_session_is_alone_only_when_no_other_live_session_is_there(tmp_path):
 
 # ------------------------------------------------- two nodes on loopback, then two more machines, one kill
 
-_WORKER = """
-import os, sys, time
-import numpy as np
+_WORKER = FAKE_INFER + """
 import xpsr.distributed.owners as owners
 import xpsr.inference.claims as claims
-import xpsr.inference.run as run_mod
-from xpsr.config import InferConfig, load_config
 node = sys.argv[1] + os.environ.get("GROUP_RANK", "")
 owners.machine = lambda: {"host": "node-" + node, "boot": "boot-" + node, "pidns": 0}  # each one another machine
 claims.LEASE_S, claims.HEARTBEAT_S = 3.0, 0.2
 def note(word, path):
     with open(sys.argv[2], "a") as f:
         f.write(f"{word} {node} {os.path.basename(str(path))}\\n")
-def fake(modules, lr, content, quality, cfg, device):
-    time.sleep(0.3)
-    return np.repeat(np.repeat(lr, cfg.upscale, axis=0), cfg.upscale, axis=1)
-real_save = run_mod.save_png_atomic
-def save(array, path):
-    note("start", path)
-    real_save(array, path)
-    note("written", path)
-run_mod.super_resolve, run_mod.save_png_atomic = fake, save
+install_fake_infer(note)
 run_mod.run_inference(load_config(InferConfig, sys.argv[3], sys.argv[4:]))
 """
 

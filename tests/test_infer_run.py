@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 from conftest import REPO, write_png_bomb
+from node_helpers import FAKE_INFER
 from PIL import Image
 
 import xpsr.inference.run as run_mod
@@ -180,24 +181,12 @@ def test_disk_full_stops_with_a_message_leaves_no_partial_file_and_a_rerun_compl
     assert report["done"] == 2 and report["skipped_existing"] == 1
 
 
-_WORKER = """
-import os, sys, time
-import numpy as np
-import xpsr.inference.run as run_mod
-from xpsr.config import InferConfig, load_config
+_WORKER = FAKE_INFER + """
 log = sys.argv[3]
 def note(word, path):
     with open(log, "a") as f:  # one short O_APPEND write per line: lines of two processes never mix
         f.write(f"{word} {os.getpid()} {os.path.basename(str(path))}\\n")
-def fake(modules, lr, content, quality, cfg, device):
-    time.sleep(0.3)
-    return np.repeat(np.repeat(lr, cfg.upscale, axis=0), cfg.upscale, axis=1)
-real_save = run_mod.save_png_atomic
-def save(array, path):
-    note("start", path)
-    real_save(array, path)
-    note("written", path)
-run_mod.super_resolve, run_mod.save_png_atomic = fake, save
+install_fake_infer(note)
 run_mod.run_inference(load_config(InferConfig, sys.argv[4], [f"input={sys.argv[1]}", f"output_dir={sys.argv[2]}"]))
 """
 

@@ -288,7 +288,7 @@ def super_resolve(modules, lr: np.ndarray, content_prompt: str, quality_prompt: 
         if extras.on_step_end is not None:  # one step, one callback
             state = {"latents": latents, "prompt_embeds": c, "quality_prompt_embeds": q, "image": lr_cond,
                      "guidance_scale": 1.0}
-            latents = extras.on_step_end(0, torch.tensor(_onestep_t(modules, cfg)), state)["latents"]
+            latents = extras.on_step_end(0, torch.tensor(int(cfg.onestep_timestep)), state)["latents"]
     else:
         latents = denoise(modules, lr_cond, c, q, cfg, device, generator, extras, progress)
     if not extras.decode:
@@ -296,8 +296,3 @@ def super_resolve(modules, lr: np.ndarray, content_prompt: str, quality_prompt: 
     image = (vae_decode(modules.vae, latents, cfg.vae_decoder_tile, **vae_tile_options(cfg)) + 1) / 2
     image = fix_colors(image.clamp(0, 1), lr_cond.float(), cfg.color_fix, cfg.color_fix_8bit)
     return final_resize(image, (th, tw), cfg)
-
-
-def _onestep_t(modules, cfg: InferConfig) -> int:
-    """t* of a one-step call (for the step callback): ``cfg`` is resolved, so it is the one onestep_latents uses."""
-    return int(cfg.onestep_timestep)

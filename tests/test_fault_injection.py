@@ -10,7 +10,7 @@ from PIL import Image
 
 from xpsr.apps.faults import STAGES, Settings, run_stage
 from xpsr.apps.faults.campaign import Reference, plan
-from xpsr.apps.faults.launch import make_launcher
+from xpsr.apps.faults.launch import Run, make_launcher, watch
 from xpsr.apps.faults.outputs import Rules, compare, snapshot
 
 RULES = Rules(volatile={"report.json": ("stats.seconds",)}, unique={"log.jsonl": ("step",), "db.sqlite": ("k",)})
@@ -88,6 +88,21 @@ def test_kill_plans_are_drawn_from_the_seed_and_cover_the_run():
     assert min(uniform) < 2.0 and max(uniform) > 8.0 and all(0 <= v < 10 for v in uniform)
     assert all(4.0 <= v < 10 for v in work) and all(1 <= v <= 50 and v == int(v) for v in writes)
     assert any(len(p) > 1 for p in plans) and all(len(p) <= settings.max_chain for p in plans)
+
+
+def test_a_kill_that_finds_the_work_done_is_a_miss(tmp_path):
+    """torchrun reports a clean end (exit 0) when the rank we SIGKILL was already past its work; such a kill
+    interrupted nothing and must be drawn again, not counted (CI once counted one and found no failure report)."""
+    def fake(rc_after_kill):
+        state = {"rc": None}
+
+        def kill():
+            state["rc"] = rc_after_kill
+        return Run(0, lambda: state["rc"], kill, lambda timeout=None: state["rc"])
+
+    assert not watch(fake(0), tmp_path, kill_at_s=0.0).killed
+    killed = watch(fake(-9), tmp_path, kill_at_s=0.0)
+    assert killed.killed and killed.rc == -9
 
 
 # the CI-sized campaign: every stage, three trials (one per kill mode), the run forked from a server that

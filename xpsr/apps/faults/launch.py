@@ -230,7 +230,8 @@ def watch(run: Run, root: Path, kill_at_s: float | None = None, kill_at_write: i
           poll_s: float = 0.002, timeout_s: float = 3600.0) -> Watch:
     """Follow ``run`` to its end, counting writes under ``root`` (a file or folder that appears or
     changes size/mtime between two polls); SIGKILL it at ``kill_at_s`` seconds or at the
-    ``kill_at_write``-th write seen. A run that ends first was not killed (a miss)."""
+    ``kill_at_write``-th write seen. A run that ends first, or that still exits 0 after the kill, was not
+    killed (a miss)."""
     try:
         return _follow(run, root, kill_at_s, kill_at_write, poll_s, timeout_s)
     except BaseException:  # the campaign itself interrupted (Ctrl-C, SIGTERM): leave no stage running
@@ -257,5 +258,8 @@ def _follow(run: Run, root: Path, kill_at_s: float | None, kill_at_write: int | 
         if (kill_at_write is not None and len(writes) >= kill_at_write) or \
                 (kill_at_s is not None and t >= kill_at_s):
             run.kill()
-            return Watch(run.wait(), True, t, writes)
+            rc = run.wait()
+            # a SIGKILL that found the work already done (a rank between its last write and its exit, which
+            # the launcher then reports as a clean end) interrupted nothing: a miss, drawn again by the caller
+            return Watch(rc, rc != 0, t, writes)
         time.sleep(poll_s)

@@ -90,10 +90,10 @@ def cmd_train(cfg: TrainConfig) -> int:
 
 def cmd_infer(cfg: InferConfig) -> int:
     from xpsr.inference.run import run_inference
-    from xpsr.memory.fit import guard_inference
+    from xpsr.memory.fit import check_inference_memory, guard_inference
 
-    with guard_inference(cfg):  # a CUDA out-of-memory error as one line naming lower-memory settings
-        report = run_inference(cfg)
+    with guard_inference(cfg):  # the plan against free memory first (CUDA); an OOM as one line
+        report = run_inference(cfg, before_first_image=check_inference_memory)
     return 1 if report["errors"] and not report["done"] else 0
 
 

@@ -64,6 +64,9 @@ class InferConfig:
                                   "same: weights stored in `dtype`; fp8: UNet and ControlNet weights stored in fp8 "
                                   "(e4m3) and computed in `dtype` (bf16/fp16), diffusers' layerwise casting "
                                   "(docs/gpu-memory.md: memory saved, PSNR cost)")
+    memory_check: bool = doc(True, "on CUDA, before the first image: compare the planned peak of the largest image "
+                                   "(a shipped planned row of the same setting, docs/gpu-memory.md) with the free "
+                                   "GPU memory and refuse, naming settings that fit")
     offload: str = choice("none", ("none", "model", "group"),
                           "CPU offload: model = each part on the GPU only while it runs; group = block by block "
                           "(diffusers' group offload; least memory, slowest)")
@@ -147,6 +150,9 @@ class ServeConfig:
     dtype: str = choice("fp32", ("fp32", "fp16", "bf16"), "weights and compute dtype")
     weights_storage: str = choice("same", ("same", "fp8"), "as `xpsr infer weights_storage=`: fp8 storage of the UNet "
                                   "and ControlNet weights, computed in `dtype`")
+    memory_check: bool = doc(True, "on CUDA, before the first image: compare the planned peak of the largest image "
+                                   "(a shipped planned row of the same setting, docs/gpu-memory.md) with the free "
+                                   "GPU memory and refuse, naming settings that fit")
     offload: str = choice("none", ("none", "model", "group"), "as `xpsr infer offload=`: CPU offload")
     scheduler: str = choice("ddpm", SCHEDULERS, "sampler (official test: DDPM)")
     mode: str | None = choice(None, ("multistep", "onestep"), "as `xpsr infer mode=`; null = what the weights were "

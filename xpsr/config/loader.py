@@ -220,11 +220,32 @@ def _defaults(schema: type) -> DictConfig:
     return node
 
 
+def section_layers(schema: type, layers: list[Layer]) -> list[Layer]:
+    """The layers of the files that ``schema.SECTION_FILES`` keys name (e.g. `xpsr plan`'s ``train_config``: an
+    `xpsr train` YAML read into the ``train`` section), each wrapped under its section. They go first, so keys
+    of that section set in the YAML or on the command line apply on top of the file, not under it. Mandatory
+    keys the file leaves open (``???``, e.g. output_dir) keep the section's default."""
+    out = []
+    for key, section in getattr(schema, "SECTION_FILES", {}).items():
+        value = next((layer.node[key] for layer in reversed(layers) if key in layer.node), None)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not os.path.isfile(value):
+            raise ConfigError(f"key '{key}' = {short(value)}: not a YAML file (paths are relative to the working "
+                              "folder)")
+        for layer in yaml_layers(Path(value)):
+            body = {k: v for k, v in OmegaConf.to_container(layer.node).items() if v != "???"}
+            out.append(Layer(f"{key} {layer.label}", OmegaConf.create({section: body}),
+                             {f"{section}.{k}" for k in layer.keys}, layer.origin))
+    return out
+
+
 def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
                 allow_missing: bool = False) -> T:
     """Defaults of ``schema`` <- YAML at ``path`` <- ``key=value`` overrides; returns a checked ``schema``."""
     layers = yaml_layers(Path(path)) if path is not None else []
     layers += [override_layer(str(o)) for o in overrides]
+    layers = section_layers(schema, layers) + layers
     merged = _defaults(schema)
     try:  # one merge (each merge copies the whole tree); layer by layer only to name the one that fails
         merged = OmegaConf.merge(merged, *(layer.node for layer in layers))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from xpsr.config.infer import InferConfig
 from xpsr.config.rules import choice, doc
@@ -11,6 +12,9 @@ from xpsr.config.train import TrainConfig
 @dataclass
 class PlanConfig:
     """`xpsr plan`: peak GPU memory of one training step or one super-resolution, by category and module."""
+
+    # files read into a section by the config loader, under the section's own keys (xpsr.config.loader)
+    SECTION_FILES: ClassVar[dict[str, str]] = {"train_config": "train", "infer_config": "infer"}
 
     what: str = choice("train", ("train", "infer"), "plan one training step or one super-resolution")
     preset: str = choice("sd15", ("tiny", "sd15", "sd21", "sd15-narrow"),

@@ -30,9 +30,9 @@ from xpsr.data.images import IMAGE_SUFFIXES, ImageError, file_hash, list_images,
 from xpsr.errors import DiskFullError, XPSRError, is_disk_full, shown
 from xpsr.inference.claims import FolderSession, release_claim, try_claim
 from xpsr.inference.limits import SizeRefused, check_size, header_check  # noqa: F401 - shared by every face
-from xpsr.inference.pipeline import content_prompt_used, super_resolve
+from xpsr.inference.pipeline import content_prompt_used, output_size, super_resolve
 from xpsr.inference.trained_settings import mark_student, resolve_settings, settings_of
-from xpsr.models.build import DTYPES, XPSRModules, build_xpsr, load_base
+from xpsr.models.build import DTYPES, XPSRModules, build_xpsr, load_base, vae_scale_factor
 
 
 class MissingPrompt(XPSRError):
@@ -223,6 +223,20 @@ def _is_per_image(e: BaseException) -> bool:
         isinstance(e, RuntimeError) and ("out of memory" in str(e).lower() or "can't allocate memory" in str(e)))
 
 
+def processing_sizes(paths: list[Path], cfg: InferConfig, multiple: int) -> list[tuple[int, int]]:
+    """The (h, w) each image is processed at, from the file headers (no decoding; unreadable ones left out:
+    they fail on their turn with their own message)."""
+    sizes = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+        sizes.append(output_size(h, w, cfg, multiple)[1])
+    return sizes
+
+
 def _list_inputs(cfg: InferConfig) -> tuple[list[Path], Path, Path]:
     src, out = Path(cfg.input), Path(cfg.output_dir)
     if cfg.upscale < 1:
@@ -329,7 +343,10 @@ def _work(run: Run, todo: list[Path], targets: dict[Path, Path], modules, prompt
             release_claim(claim, target)
 
 
-def run_inference(cfg: InferConfig) -> dict:
+def run_inference(cfg: InferConfig, before_first_image=None) -> dict:
+    """Super-resolve ``cfg.input`` (an image, a folder, or video: docs/video.md). ``before_first_image(cfg,
+    modules, sizes, device)`` runs once the model is loaded, with the processing sizes (h, w) of the images this
+    process will make; it may raise to stop the run before any work (`xpsr infer`'s GPU memory check)."""
     from accelerate import PartialState
 
     from xpsr.video.run import is_video_input, run_video
@@ -361,6 +378,8 @@ def run_inference(cfg: InferConfig) -> dict:
         from xpsr.inference.low_memory import apply_low_memory
 
         apply_low_memory(modules, cfg.weights_storage, cfg.offload, cfg.dtype, device)
+        if before_first_image is not None and todo:
+            before_first_image(cfg, modules, processing_sizes(todo, cfg, vae_scale_factor(modules.vae)), device)
         prompts = PromptSource(cfg)
         try:
             bar = {"desc": f"infer [{state.process_index}/{state.num_processes}]", "disable": not state.is_main_process}

@@ -54,11 +54,14 @@ def _narrow_sd(cfg: ModelConfig, device: str) -> XPSRModules:
         return presets.build_random_sd("sd15", cfg, device=device, with_text=True)
 
 
-def cast_for_training(modules: XPSRModules, mixed_precision: str, frozen_unet_dtype: str) -> None:
+def cast_for_training(modules: XPSRModules, mixed_precision: str, frozen_unet_dtype: str,
+                      text_encoder_device: str = "same") -> None:
     """As ``xpsr.training.loop.build_session``: the VAE and text encoder (and with
-    ``frozen_unet_dtype=mixed_precision`` the UNet) stored in half precision, trainable weights in fp32."""
+    ``frozen_unet_dtype=mixed_precision`` the UNet) stored in half precision, trainable weights in fp32; a text
+    encoder kept on the CPU stays fp32."""
     dtype = DTYPES[mixed_precision]
-    half = [modules.vae, modules.text_encoder] + ([modules.unet] if frozen_unet_dtype == "mixed_precision" else [])
+    half = [modules.vae] + ([modules.text_encoder] if text_encoder_device == "same" else []) + \
+        ([modules.unet] if frozen_unet_dtype == "mixed_precision" else [])
     if dtype != torch.float32:
         for m in half:
             if m is not None:

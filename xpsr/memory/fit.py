@@ -25,6 +25,7 @@ LADDER = (
     ("model.gradient_checkpointing=true", lambda c: setattr(c.model, "gradient_checkpointing", True)),
     ("use_8bit_adam=true", lambda c: setattr(c, "use_8bit_adam", True)),
     ("data.latent_cache=DIR", lambda c: setattr(c.data, "latent_cache", "latents")),
+    ("text_encoder_device=cpu", lambda c: setattr(c, "text_encoder_device", "cpu")),
 )
 
 
@@ -38,13 +39,14 @@ class MemoryPlanError(XPSRError):
 def train_key(cfg: TrainConfig, preset: str) -> tuple:
     """What a training plan depends on (the key of the shipped planned rows)."""
     return ("train", preset, cfg.data.crop_size, cfg.batch_size, cfg.mixed_precision, cfg.frozen_unet_dtype,
-            cfg.model.gradient_checkpointing, cfg.use_8bit_adam, cfg.data.latent_cache is not None, cfg.use_ema)
+            cfg.model.gradient_checkpointing, cfg.use_8bit_adam, cfg.data.latent_cache is not None, cfg.use_ema,
+            cfg.text_encoder_device)
 
 
 def _row_key(row: dict) -> tuple:
     return ("train", row["preset"], row["resolution"], row["batch_size"], row["mixed_precision"],
             row["frozen_unet_dtype"], row["gradient_checkpointing"], row["use_8bit_adam"], row["latent_cache"],
-            row["use_ema"])
+            row["use_ema"], row.get("text_encoder_device", "same"))
 
 
 def shipped_peaks() -> dict[tuple, int]:
@@ -146,12 +148,75 @@ def guard_training(cfg: TrainConfig, margin: Margin = DEFAULT_MARGIN):
 
 INFER_LOW_MEMORY = ("dtype=fp16 weights_storage=fp8 offload=model vae_decoder_tile=96 vae_tile_cache_mb=512 "
                     "(or --config configs/infer/xpsr_8gb.yaml)")
+# what an inference plan depends on (weights_storage and offload are not modelled: a plan without them is an
+# upper bound for a run with them)
+INFER_KEYS = ("mode", "dtype", "latent_tile", "vae_tile", "vae_decoder_tile", "vae_tile_attention",
+              "vae_tile_cache_mb")
+
+
+def shipped_infer_rows(preset: str) -> list[dict]:
+    """The planned inference rows shipped for ``preset`` (docs/gpu-memory.md's inference table)."""
+    if not PLANNED.is_file():
+        return []
+    rows = [json.loads(line) for line in PLANNED.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("what") == "infer" and r["preset"] == preset]
+
+
+def infer_peak(cfg, preset: str, side: int, rows: list[dict]) -> dict | None:
+    """The smallest planned row of ``cfg``'s setting whose square output holds a ``side`` px processing size (an
+    upper bound of the image's own peak: tiles keep the model's share fixed, only whole-image tensors grow)."""
+    same = [r for r in rows if all(r[k] == getattr(cfg, k) for k in INFER_KEYS) and r["output_size"] >= side]
+    return min(same, key=lambda r: r["output_size"], default=None)
+
+
+def check_inference_fits(cfg, preset: str, side: int, free_bytes: float, margin: Margin = DEFAULT_MARGIN,
+                         rows: list[dict] | None = None) -> str | None:
+    """Raise :class:`MemoryPlanError` (one line naming shipped settings that fit) when the planned peak of a
+    ``side`` px image exceeds ``free_bytes``; returns a note when no planned row covers the setting, else None."""
+    rows = shipped_infer_rows(preset) if rows is None else rows
+    row = infer_peak(cfg, preset, side, rows)
+    if row is None:
+        return (f"memory check: no planned row of this setting covers {side} px on {preset} (docs/gpu-memory.md); "
+                f"`xpsr plan what=infer preset={preset} output_size={side} infer_config=YOUR.yaml` plans it")
+    need = margin.needed_gib(row["peak_bytes"])
+    if need * GIB <= free_bytes:
+        return None
+    fits = sorted({r["row"].split("/")[2] for r in rows if r["output_size"] >= side
+                   and margin.needed_gib(r["peak_bytes"]) * GIB <= free_bytes})
+    hint = ("; planned settings that fit: " + " | ".join(fits)) if fits else \
+        f"; settings that use less: {INFER_LOW_MEMORY}"
+    raise MemoryPlanError(f"an image processed at {side} px needs {need:.1f} GiB (planned peak with margin, "
+                          f"{row['output_size']} px row) but the GPU has {free_bytes / GIB:.1f} GiB free{hint} "
+                          "(docs/gpu-memory.md; memory_check=false skips this check)")
+
+
+def inference_preset(modules) -> str | None:
+    """sd15 / sd21 by the UNet's text width; None for other shapes (tiny), which have no planned rows."""
+    return {768: "sd15", 1024: "sd21"}.get(modules.unet.config.cross_attention_dim)
+
+
+def check_inference_memory(cfg, modules, sizes: list[tuple[int, int]], device, margin: Margin = DEFAULT_MARGIN,
+                           free_bytes: float | None = None) -> None:
+    """`xpsr infer`'s hook before the first image: on CUDA (or with ``free_bytes`` given, as tests do) the largest
+    image's plan against the memory this process can still use (free + what it already holds)."""
+    import torch
+
+    preset = inference_preset(modules)
+    if not cfg.memory_check or not sizes or preset is None:
+        return
+    if free_bytes is None:
+        if torch.device(device).type != "cuda":
+            return
+        free_bytes = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)
+    note = check_inference_fits(cfg, preset, max(max(s) for s in sizes), free_bytes, margin)
+    if note:
+        print(note)
 
 
 @contextlib.contextmanager
 def guard_inference(cfg):
-    """`xpsr infer`: a CUDA out-of-memory error in one line naming the settings that use less memory. (The
-    plan of one image is `xpsr plan what=infer`; the input sizes are only known image by image.)"""
+    """`xpsr infer`: a CUDA out-of-memory error in one line naming the settings that use less memory (the check
+    before the first image is :func:`check_inference_memory`)."""
     import torch
 
     try:

@@ -26,8 +26,13 @@ def plan_inference(cfg: InferConfig, preset: str, output_size: int, with_costs: 
     from xpsr.inference.pipeline import make_scheduler, onestep_latents, prompt_embeddings
     from xpsr.inference.pipeline import output_size as sizes
     from xpsr.inference.tiling import vae_decode, vae_scale_factor, vae_tile_options
+    from xpsr.inference.trained_settings import TrainedSettings, resolve_settings
 
     t0 = time.perf_counter()
+    # weights that say nothing: a plan of mode=onestep is a student's (OneStepConfig's t* and LR latent)
+    mode = cfg.mode or "multistep"
+    cfg = resolve_settings(cfg, TrainedSettings(mode=mode, source="the plan") if mode == "onestep"
+                           else TrainedSettings())
     modules = meta_modules(preset, dataclasses.replace(cfg.model, gradient_checkpointing=False))
     if cfg.mode == "onestep":  # the student's LoRA adapter on the UNet, not merged (as a one-step run saves it)
         from xpsr.config import OneStepConfig

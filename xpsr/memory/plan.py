@@ -5,23 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from xpsr.config import InferConfig, PlanConfig, TrainConfig, load_config
+from xpsr.config import PlanConfig
 from xpsr.memory.gpus import GIB, Margin, estimates, fitting_cards
-
-
-def resolved(cfg: PlanConfig) -> PlanConfig:
-    """The plan config with ``train_config``/``infer_config`` read into their sections."""
-    if cfg.train_config:
-        cfg.train = load_config(TrainConfig, cfg.train_config, allow_missing=True)
-    if cfg.infer_config:
-        cfg.infer = load_config(InferConfig, cfg.infer_config, allow_missing=True)
-    return cfg
 
 
 def run_plan(cfg: PlanConfig, with_costs: bool = True) -> dict:
     """The plan of ``cfg`` as a dict: peak bytes by category/module, the instant of the peak, which cards fit
     (with the margin), roofline step-time estimates (``with_costs``)."""
-    cfg = resolved(cfg)
     if cfg.what == "train":
         from xpsr.memory.train_plan import plan_training
 

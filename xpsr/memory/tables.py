@@ -8,12 +8,14 @@ HALF = ["train.mixed_precision=bf16", "train.frozen_unet_dtype=mixed_precision"]
 CKPT = HALF + ["train.model.gradient_checkpointing=true"]
 ADAM8 = CKPT + ["train.use_8bit_adam=true"]
 CACHED = ADAM8 + ["train.data.latent_cache=latents"]
+TEXT_CPU = CACHED + ["train.text_encoder_device=cpu"]
 TRAIN_SETTINGS = {
     "official (fp16 autocast, frozen UNet fp32)": OFFICIAL,
     "bf16, frozen parts bf16": HALF,
     "+ gradient checkpointing": CKPT,
     "+ 8-bit AdamW": ADAM8,
     "+ cached VAE latents": CACHED,
+    "+ text encoder on the CPU": TEXT_CPU,
 }
 INFER_SETTINGS = {
     "multistep fp16 (20 steps, CFG)": ["infer.dtype=fp16", "infer.mode=multistep"],
@@ -48,7 +50,8 @@ def _rows() -> list[tuple[str, list[str]]]:
                  _train(preset, names[4], 4), _train(preset, names[4], 2), _train(preset, names[0], 4),
                  _infer(preset, "multistep fp16 (20 steps, CFG)", 4096), _infer(preset, "one-step fp16", 4096),
                  _infer(preset, "8 GB setting, xpsr_8gb.yaml", 4096),
-                 _train(preset, names[0], 8), _train(preset, names[1], 8)]
+                 _train(preset, names[0], 8), _train(preset, names[1], 8), _train(preset, names[5], 1),
+                 _train(preset, names[5], 8)]
     return rows
 
 

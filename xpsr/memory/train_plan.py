@@ -64,7 +64,7 @@ def plan_training(cfg: TrainConfig, preset: str, with_costs: bool = False) -> di
 
     t0 = time.perf_counter()
     modules = meta_modules(preset, cfg.model)
-    cast_for_training(modules, cfg.mixed_precision, cfg.frozen_unet_dtype)
+    cast_for_training(modules, cfg.mixed_precision, cfg.frozen_unet_dtype, cfg.text_encoder_device)
     tracker = LiveBytes()
     if with_costs:
         tracker.costs = []
@@ -111,6 +111,17 @@ class StepParts:
                 autocast_like_accelerate(m, self.dtype)
         self.roots = dict(unet=modules.unet, controlnet=modules.controlnet, vae=modules.vae,
                           text_encoder=modules.text_encoder)
+        self.embeds: dict = {}
+        if cfg.text_encoder_device == "cpu":  # its weights and its forward are on the CPU, not counted; the
+            # prompt embeddings it hands over (fp32) are on the GPU before the step, like the batch
+            from xpsr.models.text import encode_prompts
+
+            del self.roots["text_encoder"]
+            b = cfg.batch_size
+            content = self.batch["content_prompt"] if cfg.content_prompt == "caption" else [""] * b
+            self.embeds = {"content_embeds": encode_prompts(modules.tokenizer, modules.text_encoder, content),
+                           "quality_embeds": encode_prompts(modules.tokenizer, modules.text_encoder,
+                                                            self.batch["quality_prompt"])}
 
     def state_tensors(self) -> list[tuple[torch.Tensor, str, str]]:
         """(tensor, category, module) of everything alive before the step."""
@@ -118,6 +129,7 @@ class StepParts:
                for n, p in list(m.named_parameters()) + list(m.named_buffers())]
         out += [(t, "optimizer_state", "(optimizer)") for t in optimizer_tensors(self.optimizer)]
         out += [(t, "optimizer_state", "(ema)") for t in self.ema]
+        out += [(v, "inputs", "(prompt embeddings)") for v in self.embeds.values()]
         return out + [(v, "inputs", "(batch)") for v in self.batch.values() if torch.is_tensor(v)]
 
     def register(self, tracker: LiveBytes) -> None:
@@ -133,22 +145,23 @@ class StepParts:
         generator = torch.Generator().manual_seed(self.cfg.seed)
         if tracker is None:
             _one_step(LiveBytes(), self.modules, self.batch, self.cfg, generator, self.dtype, self.optimizer,
-                      self.params, training_step)
+                      self.params, training_step, self.embeds)
             return
         names = {id(p): n for n, p in self.trainable.items()}
         hooks = [p.register_post_accumulate_grad_hook(
             lambda p: tracker.retag(p.grad, "gradients", names[id(p)])) for p in self.params]
         with tracker, tracker.modules(**self.roots):
             _one_step(tracker, self.modules, self.batch, self.cfg, generator, self.dtype, self.optimizer,
-                      self.params, training_step)
+                      self.params, training_step, self.embeds)
         for h in hooks:
             h.remove()
 
 
-def _one_step(tracker, modules, batch, cfg: TrainConfig, generator, dtype, optimizer, params, training_step):
+def _one_step(tracker, modules, batch, cfg: TrainConfig, generator, dtype, optimizer, params, training_step,
+              embeds: dict):
     """The loop's micro-step (xpsr.training.loop.micro_step) with each stage named for the report."""
     with tracker.phase("forward"):
-        result = training_step(modules, batch, cfg.dfc, cfg.content_prompt, generator, dtype)
+        result = training_step(modules, batch, cfg.dfc, cfg.content_prompt, generator, dtype, **embeds)
     with tracker.phase("backward"):
         loss = result.loss * GRAD_SCALE if cfg.mixed_precision == "fp16" else result.loss
         loss.backward()
@@ -167,4 +180,5 @@ def setting_summary(cfg: TrainConfig, preset: str) -> dict:
     return {"what": "train", "preset": preset, "resolution": cfg.data.crop_size, "batch_size": cfg.batch_size,
             "mixed_precision": cfg.mixed_precision, "frozen_unet_dtype": cfg.frozen_unet_dtype,
             "gradient_checkpointing": cfg.model.gradient_checkpointing, "use_8bit_adam": cfg.use_8bit_adam,
-            "latent_cache": getattr(cfg.data, "latent_cache", None) is not None, "use_ema": cfg.use_ema}
+            "latent_cache": getattr(cfg.data, "latent_cache", None) is not None, "use_ema": cfg.use_ema,
+            "text_encoder_device": cfg.text_encoder_device}

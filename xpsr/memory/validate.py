@@ -42,7 +42,7 @@ def measure_training(cfg: TrainConfig, preset: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     modules = build_modules(preset, cfg.model, device="cpu")
-    cast_for_training(modules, cfg.mixed_precision, cfg.frozen_unet_dtype)
+    cast_for_training(modules, cfg.mixed_precision, cfg.frozen_unet_dtype, cfg.text_encoder_device)
     step = StepParts(modules, cfg)
     step.run(None)  # warm-up: lazily made buffers (oneDNN, autocast) exist before the measured step
     before = unique_bytes([t for t, _, _ in step.state_tensors()])
@@ -69,7 +69,7 @@ def measure_training_cuda(cfg: TrainConfig, preset: str) -> dict:
     device = torch.device("cuda")
     with torch.device(device):
         modules = build_modules(preset, cfg.model, device="cuda")
-        cast_for_training(modules, cfg.mixed_precision, cfg.frozen_unet_dtype)
+        cast_for_training(modules, cfg.mixed_precision, cfg.frozen_unet_dtype, cfg.text_encoder_device)
         step = StepParts(modules, cfg)
         step.run(None)
         torch.cuda.synchronize()

@@ -169,7 +169,10 @@ def build_session(cfg: TrainConfig, accelerator, out: Path) -> Session:
     half = [modules.vae, modules.text_encoder]
     if cfg.frozen_unet_dtype == "mixed_precision":
         half.append(modules.unet)
-    for m in (modules.vae, modules.text_encoder, modules.unet, modules.controlnet):
+    on_device = [modules.vae, modules.text_encoder, modules.unet, modules.controlnet]
+    if cfg.text_encoder_device == "cpu":  # stays fp32 on the CPU (half precision is slow there); see encode_prompts
+        on_device.remove(modules.text_encoder)
+    for m in on_device:
         m.to(device)
         if m in half and weight_dtype != torch.float32:
             m.to(dtype=weight_dtype)

@@ -22,68 +22,89 @@ def plan_inference(cfg: InferConfig, preset: str, output_size: int, with_costs: 
     shapes (tiny, sd15, sd21): by category, by module, the instant of the peak. Fake tensors: no memory."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from xpsr.inference.color import fix_colors
-    from xpsr.inference.pipeline import make_scheduler, onestep_latents, prompt_embeddings
-    from xpsr.inference.pipeline import output_size as sizes
-    from xpsr.inference.tiling import vae_decode, vae_scale_factor, vae_tile_options
-    from xpsr.inference.trained_settings import TrainedSettings, resolve_settings
-
     t0 = time.perf_counter()
-    # weights that say nothing: a plan of mode=onestep is a student's (OneStepConfig's t* and LR latent)
-    mode = cfg.mode or "multistep"
-    cfg = resolve_settings(cfg, TrainedSettings(mode=mode, source="the plan") if mode == "onestep"
-                           else TrainedSettings())
-    modules = meta_modules(preset, dataclasses.replace(cfg.model, gradient_checkpointing=False))
-    if cfg.mode == "onestep":  # the student's LoRA adapter on the UNet, not merged (as a one-step run saves it)
-        from xpsr.config import OneStepConfig
-        from xpsr.onestep.lora import STUDENT, attach_adapter
-
-        o = OneStepConfig()
-        with torch.device("meta"):
-            attach_adapter(modules.unet, STUDENT, o.lora_rank, o.lora_alpha, o.lora_targets, cfg.seed)
-    cast_for_inference(modules, cfg.dtype)
-    run_cfg = dataclasses.replace(cfg, num_inference_steps=min(cfg.num_inference_steps, 2))
-    f = vae_scale_factor(modules.vae)
-    lr_side = max(output_size // cfg.upscale, 1)
-    _, (ph, pw) = sizes(lr_side, lr_side, cfg, f)
-    # The scheduler's timesteps stay real tensors: `noise_to` reads one as an int, which a fake tensor refuses.
-    scheduler = make_scheduler(cfg.scheduler, modules.scheduler.config)
-    scheduler.set_timesteps(run_cfg.num_inference_steps, device="cpu")
+    run = Sampling(cfg, preset, output_size, device="meta")
     tracker = LiveBytes()
     if with_costs:
         tracker.costs = []
-    roots = dict(unet=modules.unet, controlnet=modules.controlnet, vae=modules.vae, text_encoder=modules.text_encoder)
     with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
-        materialize(list(roots.values()))
-        tracker.register_module_weights(**roots)
-        lr_cond = torch.empty(1, 3, ph, pw)
+        materialize(list(run.roots.values()))
+        tracker.register_module_weights(**run.roots)
+        lr_cond = torch.empty(1, 3, *run.size)
         tracker.register(lr_cond, "inputs", "(condition)")
-        generator = torch.Generator().manual_seed(cfg.seed)
-        with tracker, tracker.modules(**roots):
-            with tracker.phase("prompts"):
-                c, q = prompt_embeddings(modules, "a photo of a cat on a sofa", "noisy, blurry", run_cfg, "cpu")
-            start = len(tracker.costs or [])
-            with tracker.phase("denoise"):
-                if cfg.mode == "onestep":
-                    latents = onestep_latents(modules, lr_cond, c, q, run_cfg, generator)
-                else:
-                    latents = _denoise(modules, lr_cond, c, q, run_cfg, generator, scheduler)
-            end = len(tracker.costs or [])
-            with tracker.phase("vae_decode"):
-                image = (vae_decode(modules.vae, latents, cfg.vae_decoder_tile, **vae_tile_options(cfg)) + 1) / 2
-            with tracker.phase("color_fix"):
-                image = fix_colors(image.clamp(0, 1), lr_cond.float(), cfg.color_fix, cfg.color_fix_8bit)
+        with tracker, tracker.modules(**run.roots):
+            start, end = run.sample(lr_cond, tracker)
     result = tracker.report()
-    result.update(what="infer", preset=preset, output_size=output_size, processing_size=[ph, pw], mode=cfg.mode,
-                  dtype=cfg.dtype, num_inference_steps=cfg.num_inference_steps, steps_counted=
-                  run_cfg.num_inference_steps, latent_tile=cfg.latent_tile, vae_tile=cfg.vae_tile,
+    cfg = run.cfg
+    result.update(what="infer", preset=preset, output_size=output_size, processing_size=list(run.size),
+                  mode=cfg.mode, dtype=cfg.dtype, num_inference_steps=cfg.num_inference_steps,
+                  steps_counted=run.run_cfg.num_inference_steps, latent_tile=cfg.latent_tile, vae_tile=cfg.vae_tile,
                   vae_decoder_tile=cfg.vae_decoder_tile, vae_tile_attention=cfg.vae_tile_attention,
                   vae_tile_cache_mb=cfg.vae_tile_cache_mb, plan_seconds=round(time.perf_counter() - t0, 1))
     if with_costs:  # the steps not run cost what the counted ones cost (the LR encode is counted once: close)
-        scale = cfg.num_inference_steps / run_cfg.num_inference_steps if cfg.mode == "multistep" else 1
+        scale = cfg.num_inference_steps / run.run_cfg.num_inference_steps if cfg.mode == "multistep" else 1
         result["costs"] = [(f * scale, b * scale, h) if start <= i < end else (f, b, h)
                            for i, (f, b, h) in enumerate(tracker.costs)]
     return result
+
+
+class Sampling:
+    """One super-resolution as ``xpsr.inference.pipeline`` runs it, on modules built at ``preset`` shapes and cast
+    as `xpsr infer` casts them: on the meta device for the plan, on the CPU with real weights for the check."""
+
+    def __init__(self, cfg: InferConfig, preset: str, output_size: int, device: str):
+        from xpsr.inference.pipeline import make_scheduler
+        from xpsr.inference.pipeline import output_size as sizes
+        from xpsr.inference.tiling import vae_scale_factor
+        from xpsr.inference.trained_settings import TrainedSettings, resolve_settings
+        from xpsr.memory.build import build_modules
+
+        # weights that say nothing: a plan of mode=onestep is a student's (OneStepConfig's t* and LR latent)
+        mode = cfg.mode or "multistep"
+        self.cfg = cfg = resolve_settings(cfg, TrainedSettings(mode=mode, source="the plan") if mode == "onestep"
+                                          else TrainedSettings())
+        model_cfg = dataclasses.replace(cfg.model, gradient_checkpointing=False)
+        modules = meta_modules(preset, model_cfg) if device == "meta" else build_modules(preset, model_cfg, device)
+        if cfg.mode == "onestep":  # the student's LoRA adapter on the UNet, not merged (as a one-step run saves it)
+            from xpsr.config import OneStepConfig
+            from xpsr.onestep.lora import STUDENT, attach_adapter
+
+            o = OneStepConfig()
+            with torch.device(device):
+                attach_adapter(modules.unet, STUDENT, o.lora_rank, o.lora_alpha, o.lora_targets, cfg.seed)
+        cast_for_inference(modules, cfg.dtype)
+        self.modules = modules
+        self.run_cfg = dataclasses.replace(cfg, num_inference_steps=min(cfg.num_inference_steps, 2))
+        lr_side = max(output_size // cfg.upscale, 1)
+        _, self.size = sizes(lr_side, lr_side, cfg, vae_scale_factor(modules.vae))
+        # The scheduler's timesteps stay real tensors: `noise_to` reads one as an int, which a fake tensor refuses.
+        self.scheduler = make_scheduler(cfg.scheduler, modules.scheduler.config)
+        self.scheduler.set_timesteps(self.run_cfg.num_inference_steps, device="cpu")
+        self.roots = dict(unet=modules.unet, controlnet=modules.controlnet, vae=modules.vae,
+                          text_encoder=modules.text_encoder)
+
+    def sample(self, lr_cond: torch.Tensor, tracker: LiveBytes) -> tuple[int, int]:
+        """The phases of one image (named on ``tracker``); returns the span of the denoising ops in its costs."""
+        from xpsr.inference.color import fix_colors
+        from xpsr.inference.pipeline import onestep_latents, prompt_embeddings
+        from xpsr.inference.tiling import vae_decode, vae_tile_options
+
+        modules, run_cfg, cfg = self.modules, self.run_cfg, self.cfg
+        generator = torch.Generator().manual_seed(cfg.seed)
+        with tracker.phase("prompts"):
+            c, q = prompt_embeddings(modules, "a photo of a cat on a sofa", "noisy, blurry", run_cfg, "cpu")
+        start = len(tracker.costs or [])
+        with tracker.phase("denoise"):
+            if cfg.mode == "onestep":
+                latents = onestep_latents(modules, lr_cond, c, q, run_cfg, generator)
+            else:
+                latents = _denoise(modules, lr_cond, c, q, run_cfg, generator, self.scheduler)
+        end = len(tracker.costs or [])
+        with tracker.phase("vae_decode"):
+            image = (vae_decode(modules.vae, latents, cfg.vae_decoder_tile, **vae_tile_options(cfg)) + 1) / 2
+        with tracker.phase("color_fix"):
+            fix_colors(image.clamp(0, 1), lr_cond.float(), cfg.color_fix, cfg.color_fix_8bit)
+        return start, end
 
 
 def _denoise(modules, lr_cond, c, q, cfg: InferConfig, generator, scheduler) -> torch.Tensor:

@@ -62,6 +62,32 @@ def compare_training(cfg: TrainConfig, preset: str) -> dict:
     return {"planned": planned, **real, "error": planned / real["measured"] - 1}
 
 
+def measure_inference(cfg, preset: str, output_size: int) -> dict:
+    """Peak bytes of one real super-resolution on CPU (random weights at ``preset`` shapes), by the allocator."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from xpsr.memory.infer_plan import Sampling
+
+    run = Sampling(cfg, preset, output_size, device="cpu")
+    lr_cond = torch.rand(1, 3, *run.size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        run.sample(lr_cond, LiveBytes())  # warm-up, as for training
+        weights = [t for m in run.roots.values() for t in list(m.parameters()) + list(m.buffers())]
+        before = unique_bytes(weights + [lr_cond])
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            run.sample(lr_cond, LiveBytes())
+    return {"measured": before + allocator_peak(prof), "before": before}
+
+
+def compare_inference(cfg, preset: str, output_size: int) -> dict:
+    """Planned (fake tensors) against measured (real tensors, allocator records) for one super-resolution."""
+    from xpsr.memory.infer_plan import plan_inference
+
+    planned = plan_inference(cfg, preset, output_size)["peak_bytes"]
+    real = measure_inference(cfg, preset, output_size)
+    return {"planned": planned, **real, "error": planned / real["measured"] - 1}
+
+
 def measure_training_cuda(cfg: TrainConfig, preset: str) -> dict:
     """On a GPU: the planned peak beside ``torch.cuda.max_memory_allocated`` of the same step (after a warm-up
     step) and the memory reserved by the caching allocator (what fragmentation adds)."""

@@ -219,7 +219,7 @@ def _skip(entries: list[dict], source: Path | str, reason: str) -> None:
     entries.append({"source": str(source), "decision": "skipped", "reason": reason})
 
 
-def _jobs(cfg: PrepareConfig, done: set[str], entries: list[dict]) -> tuple[list[ClipJob], int]:
+def plan_clips(cfg: PrepareConfig, done: set[str], entries: list[dict]) -> tuple[list[ClipJob], int]:
     """The clips still to make (and the count of those already done), videos in sorted order."""
     crops, variants = (1, 1) if cfg.test_set else (cfg.crops_per_image, cfg.variants)
     jobs, finished, first_of = [], 0, {}
@@ -255,6 +255,8 @@ def info_hash(info: ClipInfo) -> str:
 
 
 def _check(cfg: PrepareConfig) -> None:
+    if cfg.paired_hr or cfg.paired_lr:
+        raise ValueError("prepare: video.clips=true makes pairs from videos; paired_hr/paired_lr import images")
     if not cfg.inputs:
         raise ValueError("prepare: give inputs=[DIR_OR_VIDEO,...] (videos, searched recursively)")
     out = os.path.realpath(cfg.output_dir)
@@ -292,7 +294,7 @@ def prepare_clips(cfg: PrepareConfig) -> dict:
         existing = read_manifest(manifest, repair=True)
         check_resume_recipe(manifest, existing, recipe(cfg), {"settings_hash": settings_hash(cfg)})
         done, entries = {r["id"] for r in existing}, []
-        jobs, finished = _jobs(cfg, done, entries)
+        jobs, finished = plan_clips(cfg, done, entries)
         start = time.perf_counter()
         made, frames = _run(cfg, jobs, done, writer, entries)
         seconds = time.perf_counter() - start

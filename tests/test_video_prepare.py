@@ -146,9 +146,24 @@ def test_an_interrupted_clip_is_remade_with_the_same_bytes(tmp_path, monkeypatch
     again = prepare_clips(config([src], tmp_path / "cut", "variants=2"))
     assert again["clips_made"] == 2 and again["clips_skipped_as_done"] == 2
     torn = prepare_clips(config([src], tmp_path / "whole", "variants=2"))
-    assert torn["clips_made"] == 1 and torn["frames_made"] == 2 and not (tmp_path / "whole" / "hr" / ".tmp-leftover").exists()
+    assert torn["clips_made"] == 1 and torn["frames_made"] == 2
+    assert not (tmp_path / "whole" / "hr" / ".tmp-leftover").exists()
     assert files(tmp_path / "cut") == files(tmp_path / "whole")
     assert prepare_clips(config([src], tmp_path / "cut", "variants=2"))["clips_made"] == 0
+
+
+def no_frames(path: Path) -> None:
+    """A Matroska file whose video stream holds no frame (beside some audio, so the file is valid)."""
+    import av
+
+    with av.open(str(path), "w", format="matroska") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = 32, 32, "yuv420p"
+        a = c.add_stream("aac", rate=8000, layout="mono")
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = 8000, 0
+        for p in [*a.encode(frame), *a.encode(), *s.encode()]:
+            c.mux(p)
 
 
 def test_bad_inputs_are_one_line_each_and_the_rest_goes_on(tmp_path, capsys):
@@ -158,6 +173,7 @@ def test_bad_inputs_are_one_line_each_and_the_rest_goes_on(tmp_path, capsys):
     pan(src / "small.mp4", frames=4, size=(24, 24))
     (src / "garbage.mp4").write_bytes(b"this is not a video")
     (src / "empty.mkv").write_bytes(b"")
+    no_frames(src / "zero.mkv")
     data = write_clip(src / "cut.mp4", [photo("rocket", 48, 40)] * 8, faststart=True).read_bytes()
     (src / "cut.mp4").write_bytes(data[:len(data) // 3])
     (tmp_path / "notes.txt").write_text("hello")
@@ -169,10 +185,13 @@ def test_bad_inputs_are_one_line_each_and_the_rest_goes_on(tmp_path, capsys):
     err = capsys.readouterr().err
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     skipped = {Path(e["source"]).name: e["reason"] for e in report["entries"] if e["decision"] == "skipped"}
-    assert set(skipped) == {"short.mp4", "small.mp4", "garbage.mp4", "empty.mkv", "cut.mp4", "notes.txt"}
-    assert stats["inputs_skipped"] == 6 and stats["clips_made"] == 2  # good.mp4 and the frame folder
+    assert set(skipped) == {"short.mp4", "small.mp4", "garbage.mp4", "empty.mkv", "zero.mkv", "cut.mp4",
+                            "notes.txt"}
+    assert stats["inputs_skipped"] == 7 and stats["clips_made"] == 2  # good.mp4 and the frame folder
     assert "shorter than one clip" in skipped["short.mp4"] and "smaller than the 32px crop" in skipped["small.mp4"]
-    assert "truncated" in skipped["cut.mp4"] and "not a video file" in skipped["notes.txt"]
+    assert "truncated" in skipped["cut.mp4"] and "no frames" in skipped["zero.mkv"]
+    assert "not a readable video" in skipped["garbage.mp4"]
+    assert "not a video file" in skipped["notes.txt"]
     for name, reason in skipped.items():
         assert name in reason and sum(name in line for line in err.splitlines() if "skipped" in line) == 1
     assert "Traceback" not in err

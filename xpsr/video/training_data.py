@@ -16,10 +16,13 @@ every clip whose lines are all there and remakes (with the same bytes) one that 
 from __future__ import annotations
 
 import copy
+import ctypes
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -33,6 +36,7 @@ from xpsr.config import PrepareConfig, to_dict
 from xpsr.data.degradations import SEED_MAX, degrade, sample_degradation, usm_sharpen
 from xpsr.data.images import file_hash, save_png_atomic
 from xpsr.data.manifest import (
+    DiskFullError,
     ManifestWriter,
     NothingUsableError,
     check_resume_recipe,
@@ -43,24 +47,10 @@ from xpsr.data.manifest import (
     write_report,
 )
 from xpsr.video.roundtrip import CodecError, codec_roundtrip
-from xpsr.video.source import Clip, ClipInfo, VideoError, probe
-from xpsr.video.training_inputs import find_videos, probe_frame_folder
+from xpsr.video.source import Clip, VideoError
+from xpsr.video.training_inputs import ClipJob, frame_id, plan_clips, skip_input
 
 TEMP = ".tmp-"
-
-
-@dataclass
-class ClipJob:
-    """One clip to make: which frames of which video, and the indices its draws are keyed by."""
-
-    source: Path
-    source_hash: str
-    info: ClipInfo
-    window: int  # k-th clip of the video
-    crop: int
-    variant: int
-    frames: list[int]  # frame indices in the video
-    clip_id: str
 
 
 @dataclass
@@ -84,16 +74,6 @@ def settings_hash(cfg: PrepareConfig) -> str:
     video = {k: v for k, v in to_dict(cfg.video).items() if k not in ("clips_per_video", "image_sequences")}
     settings = {k: getattr(cfg, k) for k in keys} | {"degradation": to_dict(cfg.degradation), "video": video}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def clip_id(source: Path, source_hash: str, window: int, crop: int, variant: int, test_set: bool) -> str:
-    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in source.stem)[:64]
-    base = f"{stem}-{source_hash[:8]}-k{window}"
-    return base if test_set else f"{base}-c{crop}-v{variant}"
-
-
-def frame_id(clip: str, index: int) -> str:
-    return f"{clip}-f{index:04d}"
 
 
 def draw_clip(cfg: PrepareConfig, job: ClipJob) -> ClipDraws:
@@ -191,69 +171,6 @@ def make_clip(cfg: PrepareConfig, job: ClipJob, frames: list[np.ndarray]) -> lis
     return records
 
 
-def _windows(info: ClipInfo, cfg: PrepareConfig) -> list[list[int]]:
-    """Frame indices of every clip the video holds: back to back from frame 0, whole clips only."""
-    v = cfg.video
-    span, stride = (v.clip_frames - 1) * v.frame_step + 1, v.clip_frames * v.frame_step
-    count = 0 if info.frames < span else (info.frames - span) // stride + 1
-    if v.clips_per_video:
-        count = min(count, v.clips_per_video)
-    return [list(range(k * stride, k * stride + span, v.frame_step)) for k in range(count)]
-
-
-def _problem(info: ClipInfo, cfg: PrepareConfig) -> str | None:
-    """Why a video gives no clip, or None."""
-    v, c = cfg.video, cfg.crop_size
-    if min(info.width, info.height) < c:
-        return f"{info.path}: its {info.width}x{info.height} frames are smaller than the {c}px crop (crop_size)"
-    span = (v.clip_frames - 1) * v.frame_step + 1
-    if info.frames < span:
-        return (f"{info.path}: {info.frames} frames, shorter than one clip ({span} frames: "
-                f"video.clip_frames={v.clip_frames}, video.frame_step={v.frame_step})")
-    return None
-
-
-def _skip(entries: list[dict], source: Path | str, reason: str) -> None:
-    """One line naming the file on stderr, and its entry in report.json; the run goes on."""
-    print(f"prepare: skipped {reason}", file=sys.stderr)
-    entries.append({"source": str(source), "decision": "skipped", "reason": reason})
-
-
-def plan_clips(cfg: PrepareConfig, done: set[str], entries: list[dict]) -> tuple[list[ClipJob], int]:
-    """The clips still to make (and the count of those already done), videos in sorted order."""
-    crops, variants = (1, 1) if cfg.test_set else (cfg.crops_per_image, cfg.variants)
-    jobs, finished, first_of = [], 0, {}
-    for source, is_folder in find_videos(cfg, entries, _skip):
-        try:
-            info = probe_frame_folder(source) if is_folder else probe(source)
-            digest = info_hash(info) if is_folder else file_hash(source)
-        except (VideoError, OSError) as e:
-            _skip(entries, source, str(e) if isinstance(e, VideoError) else f"{source}: cannot read ({e})")
-            continue
-        problem = _problem(info, cfg)
-        if problem:
-            _skip(entries, source, problem)
-            continue
-        if clip_id(source, digest, 0, 0, 0, False) in first_of:  # a copy would make the very same clips
-            _skip(entries, source, f"{source}: duplicate of {first_of[clip_id(source, digest, 0, 0, 0, False)]}")
-            continue
-        first_of[clip_id(source, digest, 0, 0, 0, False)] = source
-        for k, frames in enumerate(_windows(info, cfg)):
-            for c in range(crops):
-                for v in range(variants):
-                    cid = clip_id(source, digest, k, c, v, cfg.test_set)
-                    if all(frame_id(cid, i) in done for i in range(len(frames))):
-                        finished += 1
-                        continue
-                    jobs.append(ClipJob(source, digest, info, k, c, v, frames, cid))
-    return jobs, finished
-
-
-def info_hash(info: ClipInfo) -> str:
-    """Content hash of a frame folder: of its frames' hashes in order."""
-    return hashlib.sha256("|".join(file_hash(f) for f in info.sequence).encode()).hexdigest()
-
-
 def _check(cfg: PrepareConfig) -> None:
     if cfg.paired_hr or cfg.paired_lr:
         raise ValueError("prepare: video.clips=true makes pairs from videos; paired_hr/paired_lr import images")
@@ -305,24 +222,59 @@ def prepare_clips(cfg: PrepareConfig) -> dict:
                                        "seconds": round(seconds, 3)})
 
 
+def process_clip(job: ClipJob, cfg: PrepareConfig) -> dict:
+    """Decode, degrade, encode and write one clip: ``{"records": [...]}``, or ``{"problem": line}`` for a clip
+    its video cannot give, or ``{"error": DiskFullError}`` (raised by the parent after the lines before it)."""
+    try:
+        decoded = list(Clip(job.info).frames(job.frames[0], job.frames[-1] + 1))[::cfg.video.frame_step]
+        return {"records": make_clip(cfg, job, decoded)}
+    except (VideoError, CodecError) as e:
+        return {"problem": str(e)}
+    except DiskFullError as e:
+        return {"error": e}
+
+
+def _init_worker(parent: int) -> None:
+    """Die with the parent: a worker orphaned by ``kill -9`` would go on writing into the folder."""
+    torch.set_num_threads(1)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before that took effect
+        os._exit(1)
+
+
+def _worker(args: tuple[ClipJob, PrepareConfig]) -> dict:
+    return process_clip(*args)
+
+
 def _run(cfg: PrepareConfig, jobs: list[ClipJob], done: set[str], writer: ManifestWriter,
          entries: list[dict]) -> tuple[int, int]:
-    """Make the clips of ``jobs`` in order; a video that fails mid-way is reported and the rest goes on."""
-    made, frames, broken = 0, 0, set()
-    for job in tqdm(jobs, desc="prepare clips", unit="clip"):
-        if job.source in broken:
+    """Make the clips of ``jobs``; manifest lines in job order whatever the worker count (same bytes)."""
+    workers = 0 if cfg.device != "cpu" else min(cfg.workers, len(jobs))
+    with tqdm(total=len(jobs), desc="prepare clips", unit="clip") as bar:
+        if workers == 0:
+            return _consume((process_clip(j, cfg) for j in jobs), jobs, done, writer, entries, bar)
+        with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(os.getpid(),)) as pool:
+            return _consume(pool.imap(_worker, [(j, cfg) for j in jobs]), jobs, done, writer, entries, bar)
+
+
+def _consume(results, jobs: list[ClipJob], done: set[str], writer: ManifestWriter, entries: list[dict],
+             bar) -> tuple[int, int]:
+    """Append each clip's lines; a clip its video cannot give is reported (one line per video) and skipped."""
+    made, frames, reported = 0, 0, set()
+    for job, result in zip(jobs, results):
+        bar.update(1)
+        if "problem" in result:
+            if job.source not in reported:  # later clips of a damaged video fail alike: one line for the file
+                skip_input(entries, job.source, result["problem"])
+                reported.add(job.source)
             continue
-        try:
-            decoded = list(Clip(job.info).frames(job.frames[0], job.frames[-1] + 1))[::cfg.video.frame_step]
-            records = make_clip(cfg, job, decoded)
-        except (VideoError, CodecError) as e:
-            broken.add(job.source)
-            _skip(entries, job.source, f"{e} (its clips made before are kept)")
-            continue
-        for record in records:
+        for record in result.get("records", []):
             if record["id"] not in done:  # lines of a clip cut short by a kill are already there
                 writer.write(record)
                 frames += 1
+        if "error" in result:
+            raise result["error"]
         made += 1
     return made, frames
 

@@ -95,6 +95,8 @@ BAD_VALUES = {  # key (where the schema has it) -> values that must all be refus
     "dataset": ["Set5"], "max_file_mb": ["0"], "added_noise_level": ["-1", "1000"], "ema_decay": ["2"],
     "adam_beta2": ["1.0"], "vae_tile": ["-1"], "kind": ["both"], "timeout_s": ["-1"], "output_size": ["0", "-8"],
     "fragmentation": ["-0.1"], "fixed_gib": ["-1"], "max_video_frames": ["0"],
+    "video.clip_frames": ["0"], "video.frame_step": ["0"], "video.codecs": ["[]", "[libx265]"],
+    "video.crf_range": ["[40,20]", "[0,60]"], "video.frame_rate": ["0"],
 }
 
 

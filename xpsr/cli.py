@@ -69,7 +69,13 @@ def cmd_bench(cfg: BenchConfig) -> int:
 
 
 def cmd_prepare(cfg: PrepareConfig) -> int:
-    """HR folders (or an existing paired set) -> hr/, lr/, manifest.jsonl, report.json."""
+    """HR folders (or an existing paired set, or videos with video.clips=true) -> hr/, lr/, manifest.jsonl,
+    report.json."""
+    if cfg.video.clips:  # clips of video frames: one degradation per clip, then a real codec (docs/video.md)
+        from xpsr.video.training_data import prepare_clips
+
+        prepare_clips(cfg)
+        return 0
     from xpsr.data.pairs import prepare_pairs
 
     prepare_pairs(cfg)

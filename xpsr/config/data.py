@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from xpsr.config.degradation import DegradationConfig
 from xpsr.config.rules import SEED, choice, doc
+from xpsr.config.video import VideoPrepareConfig
 
 
 @dataclass
@@ -33,10 +34,13 @@ class PrepareConfig:
                                     "groups: consecutive sources of the sorted input list, per crop and variant)",
                                  min=1)
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
+    video: VideoPrepareConfig = field(default_factory=VideoPrepareConfig)
 
     def validate(self) -> list[tuple[str, str]]:
         if self.crop_size % self.scale:  # else the LR crop is rounded: 130 px HR would get a 32 px LR
             return [("crop_size", f"must be a multiple of scale ({self.scale})")]
+        if self.video.clips and self.share_draws_every != 1:  # a clip is already a group sharing its draws
+            return [("share_draws_every", "must be 1 with video.clips=true (a clip shares all its draws)")]
         return []
 
 

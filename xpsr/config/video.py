@@ -14,6 +14,9 @@ VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 # the video encoders of PyAV's bundled FFmpeg (av 18) we offer; `png` = PNG frames only, no video file
 CODECS = ("libx264", "libx265", "libsvtav1", "libvpx-vp9", "ffv1", "png")
 STABILITY = ("independent", "same", "flow", "carry")
+# encoders of `prepare`'s video training data: those whose output is the same bytes run after run at any frame
+# size here (libx265 is not: below ~128 px its frames differ between identical runs, measured with av 18.1)
+TRAINING_CODECS = ("libx264", "libvpx-vp9", "libsvtav1")
 
 
 @dataclass
@@ -58,3 +61,26 @@ class VideoConfig:
         if self.bit_depth == 10 and self.codec in ("libvpx-vp9", "png"):
             return [("bit_depth", f"10-bit output needs codec=libx264, libx265, libsvtav1 or ffv1 (not {self.codec})")]
         return []
+
+
+@dataclass
+class VideoPrepareConfig:
+    """The ``video`` section of `xpsr prepare`: LR/HR clips from videos for video fine-tuning (docs/video.md)."""
+
+    clips: bool = doc(False, "inputs are videos: make clips of clip_frames frames, each with one crop and one "
+                             "degradation draw for all its frames, then a real video codec (docs/video.md)")
+    clip_frames: int = doc(8, "consecutive frames per clip", min=1)
+    frame_step: int = doc(1, "keep every N-th frame of the video in a clip (N > 1: more motion between frames)",
+                          min=1)
+    clips_per_video: int = doc(0, "clips cut from each video, back to back from its first frame; 0 = every whole "
+                                  "clip it holds", min=0)
+    image_sequences: bool = doc(False, "also read every folder that directly holds images as one video (its "
+                                       "frames sorted by name)")
+    codecs: list[str] = doc(["libx264"], "video encoders of PyAV's FFmpeg; each clip draws one of them",
+                            nonempty=True, each_of=TRAINING_CODECS)
+    crf_range: list[int] = doc([18, 38], "constant-rate-factor range [low, high]; each clip draws an integer in "
+                                         "it (higher = stronger compression artefacts)", ordered=True, min=0, max=51)
+    frame_rate: float = doc(25.0, "frame rate the LR clip is encoded at (it steers the encoders' rate control)",
+                            above=0)
+    noise_per_frame: bool = doc(True, "fresh noise samples on every frame, at the clip's one noise kind and "
+                                      "level (as a sensor's noise); false = the same noise field on every frame")

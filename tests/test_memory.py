@@ -65,6 +65,24 @@ def test_sd_shaped_plan_matches_the_cpu_allocator_within_5_percent():
     assert abs(result["error"]) < 0.05, result
 
 
+def test_inference_plans_match_a_real_cpu_run():
+    """fp32: the plan against the CPU allocator within 5 %. bf16 and small tiles: the plan equals our counter on
+    the real tensors byte for byte; what the allocator sees beyond it is CPU kernel scratch (bf16 convolutions
+    take the im2col fallback on CPU; CUDA's cuDNN workspace is bounded and in the margin)."""
+    from xpsr.config import InferConfig
+    from xpsr.memory.validate import compare_inference
+
+    def cfg(*extra):
+        return load_config(InferConfig, REPO / "configs" / "infer" / "tiny_cpu.yaml", ["input=x", "output_dir=y",
+                                                                                       *extra])
+
+    fp32 = compare_inference(cfg(), "tiny", 256)
+    assert abs(fp32["error"]) < 0.05, fp32
+    for extra in (["dtype=bf16"], ["latent_tile=8", "latent_overlap=2", "vae_decoder_tile=8"]):
+        result = compare_inference(cfg(*extra), "tiny", 128)
+        assert result["planned"] == result["counted"] <= result["measured"], (extra, result)
+
+
 def _fake_plan(cfg: TrainConfig, preset: str) -> int:
     """Bytes by the options (shaped like the SD 1.5 table, not its numbers): what the decision logic reads."""
     gib = 14.0 if cfg.frozen_unet_dtype == "fp32" else 12.0

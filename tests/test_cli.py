@@ -71,3 +71,14 @@ def test_gpu_suite_writes_measured_beside_expected(tmp_path, monkeypatch):
     assert table[2].startswith("| tiny step | ") and " ms/step" in table[2]
     assert table[2].endswith("EXPECTED: anything |")
     assert table[3].startswith("| bad device | failed (exit 1)")
+
+
+def test_abbreviated_options_are_not_taken_for_config(capsys):
+    """argparse would read `--c=0` (or `--conf F`) as `--config`; an abbreviation is refused, naming it."""
+    import pytest
+
+    from xpsr.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["caption", "cache=x", "images=x", "--c=0"])
+    assert e.value.code == 2 and "unrecognized arguments: --c=0" in capsys.readouterr().err

@@ -191,8 +191,10 @@ def render(value) -> str:
 @st.composite
 def overrides(draw, command: str) -> tuple[list[str], str]:
     keys = leaf_keys(command)
+    # (a key starting with "-" is an option for argparse: `--config=0` is the config option, not an override)
     key = draw(st.one_of(st.sampled_from(keys), st.sampled_from(keys).map(lambda k: k.rsplit(".", 1)[0]),
-                         st.text(min_size=1, max_size=10), st.sampled_from(keys).map(lambda k: k + ".sub")))
+                         st.text(min_size=1, max_size=10).filter(lambda k: not k.startswith("-")),
+                         st.sampled_from(keys).map(lambda k: k + ".sub")))
     text = f"{key}={render(draw(VALUES))}"
     return mandatory(cli.COMMANDS[command][0]) + [text], text[:30]
 

@@ -262,12 +262,13 @@ def _help_epilog(schema: type) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="xpsr", description=__doc__,
+    parser = argparse.ArgumentParser(prog="xpsr", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (schema, _, help_text) in COMMANDS.items():
+        # no abbreviations: `--c=0` must not silently mean `--config=0`
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=_help_epilog(schema),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
         p.add_argument("--config", help="YAML file with keys of this subcommand")
         p.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist)")
     args = parser.parse_args(argv)

@@ -21,6 +21,8 @@ INFER_SETTINGS = {
     "multistep fp16 (20 steps, CFG)": ["infer.dtype=fp16", "infer.mode=multistep"],
     "one-step fp16": ["infer.dtype=fp16", "infer.mode=onestep"],
     "8 GB setting, xpsr_8gb.yaml": ["infer_config=configs/infer/xpsr_8gb.yaml"],
+    # the official sampler's tiling (latent tiles of 320 only above 2560 px output): no tiles up to there
+    "official config, fp16": ["infer_config=configs/infer/xpsr_official.yaml", "infer.dtype=fp16"],
 }
 
 
@@ -50,6 +52,8 @@ def _rows() -> list[tuple[str, list[str]]]:
                  _train(preset, names[4], 4), _train(preset, names[4], 2), _train(preset, names[0], 4),
                  _train(preset, names[5], 1), _train(preset, names[5], 8), _train(preset, names[0], 8),
                  _train(preset, names[1], 8)]
+    for preset in ("sd15", "sd21"):
+        rows += [_infer(preset, "official config, fp16", size) for size in (512, 1024, 2048, 4096)]
     for preset in ("sd15", "sd21"):  # last: 4096 px output is hundreds of tiles, an hour of CPU per row
         rows += [_infer(preset, "8 GB setting, xpsr_8gb.yaml", 4096), _infer(preset, "one-step fp16", 4096),
                  _infer(preset, "multistep fp16 (20 steps, CFG)", 4096)]

@@ -3,6 +3,7 @@
 ControlNet stored in fp8 (computed in bf16) against the bf16 image, and the weight bytes saved.
 
     python scripts/fp8_quality.py tiny sd15-narrow sd15      # random weights (zero-inits filled), CPU, minutes
+    python scripts/fp8_quality.py demo --demo-dir xpsr_demo  # the demo's trained prior (made there if missing)
 """
 import argparse
 import json
@@ -20,8 +21,31 @@ def weight_bytes(*models) -> int:
     return sum(p.numel() * p.element_size() for m in models for p in m.parameters())
 
 
-def measure(preset: str, lr_side: int = 64, steps: int = 4) -> dict:
-    modules = build_modules(preset, ModelConfig(), device="cpu")
+def demo_modules(folder: str):
+    """XPSR on the demo's prior (`xpsr demo`'s 4x VAE and base UNet trained on the bundled photos)."""
+    from xpsr.apps.demo import demo_prior
+    from xpsr.models.build import build_xpsr
+
+    base = demo_prior(folder, log=lambda _: None)
+    return build_xpsr(ModelConfig(base=str(base), conditioning_channels=[8, 16, 32]))
+
+
+def demo_photo(side: int) -> np.ndarray:
+    """A bundled photo, resized to ``side`` x ``side`` (the trained prior is measured on a real picture)."""
+    import tempfile
+    from pathlib import Path
+
+    from PIL import Image
+
+    from xpsr.training.demo_data import write_sample_photos
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = sorted(write_sample_photos(Path(tmp)))[0]
+        return np.asarray(Image.open(path).convert("RGB").resize((side, side), Image.BICUBIC))
+
+
+def measure(preset: str, lr_side: int = 64, steps: int = 4, demo_dir: str = "xpsr_demo") -> dict:
+    modules = demo_modules(demo_dir) if preset == "demo" else build_modules(preset, ModelConfig(), device="cpu")
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # the zero-initialised XPSR weights get noise, so every path is in the comparison
         for p in list(modules.unet.parameters()) + list(modules.controlnet.parameters()):
@@ -30,7 +54,8 @@ def measure(preset: str, lr_side: int = 64, steps: int = 4) -> dict:
     for m in (modules.unet, modules.controlnet, modules.vae, modules.text_encoder):
         m.eval().to(dtype=torch.bfloat16)
     cfg = InferConfig(input="-", output_dir="-", num_inference_steps=steps, process_size=lr_side * 4, dtype="bf16")
-    lr = np.random.default_rng(0).integers(0, 255, (lr_side, lr_side, 3), dtype=np.uint8)
+    lr = demo_photo(lr_side) if preset == "demo" else \
+        np.random.default_rng(0).integers(0, 255, (lr_side, lr_side, 3), dtype=np.uint8)
     ref = super_resolve(modules, lr, "a photo of a cat", "blurry, noisy", cfg, torch.device("cpu"))
     before = weight_bytes(modules.unet, modules.controlnet)
     apply_low_memory(modules, "fp8", "none", "bf16", "cpu")
@@ -44,6 +69,10 @@ def measure(preset: str, lr_side: int = 64, steps: int = 4) -> dict:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("presets", nargs="*", default=["tiny"], help="tiny, sd15-narrow, sd15 (random weights)")
-    for preset in parser.parse_args().presets:
-        print(json.dumps(measure(preset)), flush=True)
+    parser.add_argument("presets", nargs="*", default=["tiny"],
+                        help="tiny, sd15-narrow, sd15 (random weights), demo (the demo's trained prior)")
+    parser.add_argument("--demo-dir", default="xpsr_demo", help="an `xpsr demo` output folder (its prior is made "
+                                                                "there when missing)")
+    args = parser.parse_args()
+    for preset in args.presets:
+        print(json.dumps(measure(preset, demo_dir=args.demo_dir)), flush=True)

@@ -220,3 +220,32 @@ def test_an_atomic_write_on_a_full_disk_keeps_the_old_file_and_leaves_no_temp(tm
         with disk_full_is_an_error(str(target)):
             write_text_atomic(target, "seed: 2\n")
     assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"] and target.read_text() == "seed: 1\n"
+
+
+def test_each_rank_resumes_its_own_generator(tmp_path):
+    """Several ranks: every rank's generator (one-step training's noise) is saved, and each rank gets its own
+    back; a rank the checkpoint has none for keeps its own seed instead of repeating rank 0's stream."""
+    from conftest import tiny_config
+
+    from xpsr.models.build import build_xpsr
+
+    modules = build_xpsr(tiny_config())
+    params = [p for p in modules.controlnet.parameters()][:2]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    ranks = [torch.Generator().manual_seed(100 + r) for r in range(2)]
+    for g in ranks:
+        torch.rand(3, generator=g)  # advanced, as after some steps
+    folder = save_checkpoint(tmp_path / "step-1", modules.unet, modules.controlnet, {"seed": 1}, optimizer,
+                             schedule, TrainState(step=1, samples=2, world=2), ranks[0], None,
+                             rank_generators=[g.get_state() for g in ranks])
+
+    def resumed(rank: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(1000 + rank)  # as the loop seeds each rank
+        checkpointing.load_checkpoint(folder, modules.unet, modules.controlnet, optimizer, schedule, g, None,
+                                      rank=rank)
+        return torch.rand(4, generator=g)
+
+    expected = [torch.rand(4, generator=g) for g in ranks]
+    assert torch.equal(resumed(0), expected[0]) and torch.equal(resumed(1), expected[1])
+    assert torch.equal(resumed(2), torch.rand(4, generator=torch.Generator().manual_seed(1002)))

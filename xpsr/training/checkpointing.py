@@ -71,7 +71,8 @@ class EMA:
 
 
 def save_checkpoint(folder: Path, unet, controlnet, config: dict, optimizer, lr_scheduler, state: TrainState,
-                    generator: torch.Generator, ema: EMA | None, hashes: bool = True) -> Path:
+                    generator: torch.Generator, ema: EMA | None, hashes: bool = True,
+                    rank_generators: list[torch.Tensor] | None = None) -> Path:
     """Write everything a resume needs into ``folder`` atomically: the files go to ``.tmp-step-N``,
     then ``checksums.json``, everything is flushed to disk, and only then the folder is renamed. On any
     failure the temp folder is removed; a full disk raises :class:`DiskFullError` naming ``folder``."""
@@ -80,7 +81,8 @@ def save_checkpoint(folder: Path, unet, controlnet, config: dict, optimizer, lr_
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        _write_checkpoint_files(tmp, unet, controlnet, config, optimizer, lr_scheduler, state, generator, ema)
+        _write_checkpoint_files(tmp, unet, controlnet, config, optimizer, lr_scheduler, state, generator, ema,
+                                rank_generators)
         write_manifest(tmp, with_hashes=hashes)
         _put_in_place(tmp, folder)
     except BaseException as e:
@@ -96,7 +98,8 @@ def save_checkpoint(folder: Path, unet, controlnet, config: dict, optimizer, lr_
 
 
 def _write_checkpoint_files(tmp: Path, unet, controlnet, config: dict, optimizer, lr_scheduler, state: TrainState,
-                            generator: torch.Generator, ema: EMA | None) -> None:
+                            generator: torch.Generator, ema: EMA | None,
+                            rank_generators: list[torch.Tensor] | None = None) -> None:
     save_trained(tmp / "trained.safetensors", unet, controlnet, config)
     if ema is not None:
         save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"))
@@ -104,6 +107,8 @@ def _write_checkpoint_files(tmp: Path, unet, controlnet, config: dict, optimizer
         with open(tmp / name, "wb") as f:  # a file object, so a failed write keeps its OSError as context
             torch.save(obj, f)
     rng = {"generator": generator.get_state(), "torch_cpu": torch.get_rng_state()}
+    # every rank's own generator (one-step training draws its noise from it), gathered by the loop
+    rng.update({f"generator_rank{i}": g for i, g in enumerate(rank_generators or [])})
     if torch.cuda.is_available():
         rng.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_file(rng, str(tmp / "rng.safetensors"))
@@ -156,9 +161,10 @@ def _reading(path: Path):
 
 
 def load_checkpoint(folder: Path, unet, controlnet, optimizer, lr_scheduler, generator: torch.Generator,
-                    ema: EMA | None) -> TrainState:
+                    ema: EMA | None, rank: int = 0) -> TrainState:
     """Load a checkpoint written by :func:`save_checkpoint` (check it first with :func:`verify_checkpoint`;
-    errors here still name the file)."""
+    errors here still name the file). ``generator`` gets rank ``rank``'s saved state; a rank the checkpoint has
+    none for (an older checkpoint, or more ranks than saved it) keeps its own seed rather than rank 0's stream."""
     import ast
 
     for name in REQUIRED:
@@ -176,7 +182,9 @@ def load_checkpoint(folder: Path, unet, controlnet, optimizer, lr_scheduler, gen
             ema.shadow = load_file(str(folder / "ema.safetensors"))
     with _reading(folder / "rng.safetensors"):
         rng = load_file(str(folder / "rng.safetensors"))
-        generator.set_state(rng["generator"])
+        own = rng.get(f"generator_rank{rank}", rng["generator"] if rank == 0 else None)
+        if own is not None:
+            generator.set_state(own)
         torch.set_rng_state(rng["torch_cpu"])
     if torch.cuda.is_available() and "cuda_0" in rng:
         torch.cuda.set_rng_state_all([rng[f"cuda_{i}"] for i in range(torch.cuda.device_count()) if f"cuda_{i}" in rng])

@@ -72,6 +72,7 @@ class Session:
     loss_log: Any = None
     onestep: Any = None  # xpsr.onestep.train.OneStepParts when training the one-step student
     pair: Any = None  # under FSDP: the sharded UNet + ControlNet as one module (xpsr.distributed.fsdp)
+    rank_generators: list | None = None  # every rank's generator state at the last checkpoint (several ranks)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -227,7 +228,7 @@ def resume(s: Session) -> None:
     if ckpt is None:
         return
     s.state = load_checkpoint(ckpt, s.modules.unet, s.modules.controlnet, s.optimizer, s.lr_scheduler, s.generator,
-                              s.ema)
+                              s.ema, rank=s.accelerator.process_index)
     world, cfg = s.accelerator.num_processes, s.cfg
     s.state, change = continue_on(s.state, world, global_batch(cfg.batch_size, cfg.gradient_accumulation_steps,
                                                                world), str(ckpt))
@@ -364,6 +365,10 @@ def after_optimizer_step(s: Session, last: dict[str, float], end: int, start: fl
     if due:
         state.max_steps, state.world = cfg.max_steps, s.accelerator.num_processes
         state.global_batch = global_batch(cfg.batch_size, cfg.gradient_accumulation_steps, state.world)
+        if state.world > 1:  # collective: each rank's generator goes into the checkpoint (rank 0 writes it)
+            from accelerate.utils import gather_object
+
+            s.rank_generators = gather_object([s.generator.get_state()])
     if s.pair is not None:  # FSDP: every rank gathers, the main process writes; no validation
         if due:
             save_gathered_checkpoint(s)
@@ -373,7 +378,7 @@ def after_optimizer_step(s: Session, last: dict[str, float], end: int, start: fl
     if due:
         save_checkpoint(s.out / "checkpoints" / f"step-{state.step}", s.modules.unet, s.modules.controlnet,
                         s.resolved, s.optimizer, s.lr_scheduler, state, s.generator, s.ema,
-                        hashes=cfg.checkpoint_hashes)
+                        hashes=cfg.checkpoint_hashes, rank_generators=s.rank_generators)
         prune_checkpoints(s.out, cfg.checkpoints_total_limit)
     if cfg.validation.every and state.step % cfg.validation.every == 0:
         from xpsr.training.validation import run_validation

@@ -13,7 +13,8 @@ def save_gathered_checkpoint(s) -> None:
     unet, controlnet, optimizer, ema = gather(s.pair, s.optimizer.optimizer, s.ema)
     if s.accelerator.is_main_process:
         save_checkpoint(s.out / "checkpoints" / f"step-{s.state.step}", unet, controlnet, s.resolved, optimizer,
-                        s.lr_scheduler, s.state, s.generator, ema, hashes=s.cfg.checkpoint_hashes)
+                        s.lr_scheduler, s.state, s.generator, ema, hashes=s.cfg.checkpoint_hashes,
+                        rank_generators=s.rank_generators)
         prune_checkpoints(s.out, s.cfg.checkpoints_total_limit)
     s.accelerator.wait_for_everyone()
 

@@ -129,3 +129,19 @@ def served_client(folder, *overrides: str):
         yield Client(app.local_url, verbose=False, analytics_enabled=False)
     finally:
         app.close()
+
+
+def write_clip_without_frames(path: Path) -> None:
+    """A Matroska file whose video stream holds no frame, beside some audio (so the file itself is valid; MP4
+    would drop the empty stream)."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w", format="matroska") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = 32, 32, "yuv420p"
+        a = c.add_stream("aac", rate=8000, layout="mono")
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = 8000, 0
+        for p in [*a.encode(frame), *a.encode(), *s.encode()]:
+            c.mux(p)

@@ -171,11 +171,11 @@ def test_kill_9_at_random_instants_then_a_rerun_gives_the_bytes_of_an_uninterrup
 
 WORKER = """
 import os, sys, time
-from xpsr.data.pairs import _init_worker
+from xpsr.data.pairs import init_worker
 parent = os.getpid()
 child = os.fork()
 if child == 0:
-    _init_worker(parent)
+    init_worker(parent)
     time.sleep(60)
     os._exit(0)
 print(child, flush=True)

@@ -9,7 +9,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, write_clip_without_frames
 
 import xpsr.video.sampler as sampler_mod
 from xpsr.config import InferConfig, load_config
@@ -114,16 +114,7 @@ def _audio_only(path, tmp_path):
 
 
 def _no_frames(path, tmp_path):
-    """A video stream without a frame (Matroska keeps the empty stream; MP4 drops it), beside some audio."""
-    c = av.open(str(path), "w", format="matroska")
-    s = c.add_stream("libx264", rate=25)
-    s.width, s.height, s.pix_fmt = 32, 32, "yuv420p"
-    a = c.add_stream("aac", rate=8000, layout="mono")
-    frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-    frame.sample_rate, frame.pts = 8000, 0
-    for p in [*a.encode(frame), *a.encode(), *s.encode()]:
-        c.mux(p)
-    c.close()
+    write_clip_without_frames(path)
 
 
 @pytest.mark.parametrize("make,expected", [

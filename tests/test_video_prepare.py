@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, write_clip_without_frames
 from PIL import Image
 
 from xpsr.config import DatasetConfig, PrepareConfig, load_config
@@ -162,20 +162,6 @@ def test_an_interrupted_clip_is_remade_with_the_same_bytes(tmp_path, monkeypatch
     assert prepare_clips(config([src], tmp_path / "cut", "variants=2"))["clips_made"] == 0
 
 
-def no_frames(path: Path) -> None:
-    """A Matroska file whose video stream holds no frame (beside some audio, so the file is valid)."""
-    import av
-
-    with av.open(str(path), "w", format="matroska") as c:
-        s = c.add_stream("libx264", rate=25)
-        s.width, s.height, s.pix_fmt = 32, 32, "yuv420p"
-        a = c.add_stream("aac", rate=8000, layout="mono")
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-        frame.sample_rate, frame.pts = 8000, 0
-        for p in [*a.encode(frame), *a.encode(), *s.encode()]:
-            c.mux(p)
-
-
 def test_bad_inputs_are_one_line_each_and_the_rest_goes_on(tmp_path, capsys):
     src = tmp_path / "src"
     pan(src / "good.mp4", frames=4)
@@ -183,7 +169,7 @@ def test_bad_inputs_are_one_line_each_and_the_rest_goes_on(tmp_path, capsys):
     pan(src / "small.mp4", frames=4, size=(24, 24))
     (src / "garbage.mp4").write_bytes(b"this is not a video")
     (src / "empty.mkv").write_bytes(b"")
-    no_frames(src / "zero.mkv")
+    write_clip_without_frames(src / "zero.mkv")
     data = write_clip(src / "cut.mp4", [photo("rocket", 48, 40)] * 8, faststart=True).read_bytes()
     (src / "cut.mp4").write_bytes(data[:len(data) // 3])
     (tmp_path / "notes.txt").write_text("hello")

@@ -169,7 +169,7 @@ def process_job(job: Job, cfg: PrepareConfig) -> dict:
     return result
 
 
-def _init_worker(parent: int) -> None:
+def init_worker(parent: int) -> None:
     """Die with the parent: a worker orphaned by ``kill -9`` would go on writing into the folder."""
     torch.set_num_threads(1)
     if sys.platform.startswith("linux"):
@@ -229,14 +229,20 @@ def _check_settings(cfg: PrepareConfig) -> None:
     if c < s or c % s:
         raise ValueError(f"prepare: crop_size={c} is not a multiple of scale={s}: a {c} px HR crop has no whole "
                          f"LR crop ({c}/{s} = {c / s:g} px); use e.g. crop_size={max(s, c // s * s)}")
+    check_inputs_apart(cfg)
+
+
+def check_inputs_apart(cfg: PrepareConfig) -> None:
+    """Every input exists and neither holds nor sits inside ``output_dir`` (the pairs written would be read back
+    as sources on the next run)."""
     out = os.path.realpath(cfg.output_dir)
     for i, folder in enumerate(cfg.inputs):
         if not Path(folder).exists():
-            raise FileNotFoundError(f"prepare: input folder {folder} (inputs[{i}]) does not exist")
+            raise FileNotFoundError(f"prepare: input {folder} (inputs[{i}]) does not exist")
         inp = os.path.realpath(folder)
         if os.path.commonpath([out, inp]) in (out, inp):
             raise ValueError(f"prepare: output_dir={cfg.output_dir} and inputs[{i}]={folder} overlap: the pairs "
-                             "written would be read back as HR sources; write to a separate folder")
+                             "written would be read back as sources; write to a separate folder")
 
 
 def prepare_pairs(cfg: PrepareConfig) -> dict:
@@ -299,7 +305,7 @@ def _run(jobs: list[Job], cfg: PrepareConfig, writer: ManifestWriter, entries: l
         if workers == 0:
             return _consume((process_job(j, cfg) for j in jobs), writer, entries, bar)
         ctx = mp.get_context("spawn")
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(os.getpid(),)) as pool:
+        with ctx.Pool(workers, initializer=init_worker, initargs=(os.getpid(),)) as pool:
             return _consume(pool.imap(_worker, [(j, cfg) for j in jobs]), writer, entries, bar)
 
 

@@ -16,14 +16,11 @@ every clip whose lines are all there and remakes (with the same bytes) one that 
 from __future__ import annotations
 
 import copy
-import ctypes
 import hashlib
 import json
 import multiprocessing as mp
 import os
 import shutil
-import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +43,7 @@ from xpsr.data.manifest import (
     reporting_disk_full,
     write_report,
 )
+from xpsr.data.pairs import check_inputs_apart, init_worker
 from xpsr.video.roundtrip import CodecError, codec_roundtrip
 from xpsr.video.source import Clip, VideoError
 from xpsr.video.training_inputs import ClipJob, frame_id, plan_clips, skip_input
@@ -176,14 +174,7 @@ def _check(cfg: PrepareConfig) -> None:
         raise ValueError("prepare: video.clips=true makes pairs from videos; paired_hr/paired_lr import images")
     if not cfg.inputs:
         raise ValueError("prepare: give inputs=[DIR_OR_VIDEO,...] (videos, searched recursively)")
-    out = os.path.realpath(cfg.output_dir)
-    for i, folder in enumerate(cfg.inputs):
-        if not Path(folder).exists():
-            raise FileNotFoundError(f"prepare: input {folder} (inputs[{i}]) does not exist")
-        inp = os.path.realpath(folder)
-        if os.path.commonpath([out, inp]) in (out, inp):
-            raise ValueError(f"prepare: output_dir={cfg.output_dir} and inputs[{i}]={folder} overlap: write to a "
-                             "separate folder")
+    check_inputs_apart(cfg)
 
 
 def remove_temp_clips(out: Path) -> int:
@@ -234,15 +225,6 @@ def process_clip(job: ClipJob, cfg: PrepareConfig) -> dict:
         return {"error": e}
 
 
-def _init_worker(parent: int) -> None:
-    """Die with the parent: a worker orphaned by ``kill -9`` would go on writing into the folder."""
-    torch.set_num_threads(1)
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before that took effect
-        os._exit(1)
-
-
 def _worker(args: tuple[ClipJob, PrepareConfig]) -> dict:
     return process_clip(*args)
 
@@ -254,7 +236,7 @@ def _run(cfg: PrepareConfig, jobs: list[ClipJob], done: set[str], writer: Manife
     with tqdm(total=len(jobs), desc="prepare clips", unit="clip") as bar:
         if workers == 0:
             return _consume((process_clip(j, cfg) for j in jobs), jobs, done, writer, entries, bar)
-        with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(os.getpid(),)) as pool:
+        with mp.get_context("spawn").Pool(workers, initializer=init_worker, initargs=(os.getpid(),)) as pool:
             return _consume(pool.imap(_worker, [(j, cfg) for j in jobs]), jobs, done, writer, entries, bar)
 
 

@@ -99,6 +99,21 @@ def test_trained_settings_of_an_export_folder(tmp_path):
     assert trained_settings(None) == {}
 
 
+def test_weights_that_do_not_say_are_served_as_infer_and_the_pipeline_run_them():
+    """mode=onestep on weights that record nothing: the student defaults (t*, LR latent mean) of the shared
+    resolver, not the sampler's posterior sample; multistep: the sample."""
+    from xpsr.apps.serve.engine import resolve_settings
+    from xpsr.config import InferConfig, ServeConfig
+    from xpsr.inference.trained_settings import TrainedSettings
+    from xpsr.inference.trained_settings import resolve_settings as shared
+
+    for mode in ("onestep", "multistep"):
+        served = resolve_settings(ServeConfig(mode=mode), {}, None)
+        infer = shared(InferConfig(input="x", output_dir="y", mode=mode), TrainedSettings())
+        assert (served.mode, served.onestep_timestep, served.lr_latent) == \
+            (infer.mode, infer.onestep_timestep if mode == "onestep" else None, infer.lr_latent)
+
+
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     """The tiny CPU app served in this process on a free port, and a gradio_client on it."""

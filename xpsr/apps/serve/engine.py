@@ -73,8 +73,16 @@ def resolve_settings(cfg: ServeConfig, trained: dict, student_timestep: int | No
     carries a student's LoRA (a run dir), which says one-step even when no training config is found."""
     if student_timestep is not None and not trained:
         trained = {"mode": "onestep", "onestep_timestep": student_timestep}
+    from xpsr.config import OneStepConfig
+    from xpsr.inference.trained_settings import MULTISTEP_LR_LATENT
+
     chosen, source = {}, {}
-    for key, fallback in (("mode", "multistep"), ("onestep_timestep", 999), ("lr_latent", "sample")):
+    mode = cfg.mode or trained.get("mode", "multistep")
+    # what weights that do not say are run with: as `xpsr infer` and the pipeline (xpsr.inference.trained_settings)
+    student = OneStepConfig()
+    fallbacks = {"mode": "multistep", "onestep_timestep": student.timestep,
+                 "lr_latent": student.lr_latent if mode == "onestep" else MULTISTEP_LR_LATENT}
+    for key, fallback in fallbacks.items():
         value = getattr(cfg, key)
         chosen[key], source[key] = (value, "the serve config") if value is not None else \
             (trained[key], "the weights") if key in trained else (fallback, "the default")

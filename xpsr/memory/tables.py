@@ -91,6 +91,8 @@ def markdown(rows: list[dict]) -> str:
     """The training and the inference table of planned rows (GiB; estimated seconds per step / image)."""
     out = []
     for preset in ("sd15", "sd21"):
+        rows = [r for r in rows if r["row"].split("/")[2] in (TRAIN_SETTINGS if r["what"] == "train" else
+                                                               INFER_SETTINGS)]  # settings no longer tabulated
         train = sorted((r for r in rows if r["preset"] == preset and r["what"] == "train"),
                        key=lambda r: (_order(TRAIN_SETTINGS, r), r["batch_size"]))
         if train:

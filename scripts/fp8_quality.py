@@ -73,6 +73,8 @@ if __name__ == "__main__":
                         help="tiny, sd15-narrow, sd15 (random weights), demo (the demo's trained prior)")
     parser.add_argument("--demo-dir", default="xpsr_demo", help="an `xpsr demo` output folder (its prior is made "
                                                                 "there when missing)")
+    parser.add_argument("--lr-side", type=int, default=64, help="LR input side in px (output = 4x)")
+    parser.add_argument("--steps", type=int, default=4, help="DDPM steps (with CFG)")
     args = parser.parse_args()
     for preset in args.presets:
-        print(json.dumps(measure(preset, demo_dir=args.demo_dir)), flush=True)
+        print(json.dumps(measure(preset, args.lr_side, args.steps, args.demo_dir)), flush=True)

@@ -2,7 +2,8 @@
 """The quality cost of fp8 weight storage (docs/gpu-memory.md): PSNR of the SR image with the UNet and
 ControlNet stored in fp8 (computed in bf16) against the bf16 image, and the weight bytes saved.
 
-    python scripts/fp8_quality.py tiny sd15-narrow sd15      # random weights (zero-inits filled), CPU, minutes
+    python scripts/fp8_quality.py tiny sd15-narrow           # random weights (zero-inits filled), CPU, minutes
+    python scripts/fp8_quality.py sd15 --lr-side 16 --steps 2   # SD 1.5 at full width: bf16 is slow on CPU
     python scripts/fp8_quality.py demo --demo-dir xpsr_demo  # the demo's trained prior (made there if missing)
 """
 import argparse

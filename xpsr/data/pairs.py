@@ -12,6 +12,7 @@ The recipe (docs/data.md): crop -> USM sharpening -> the two-stage degradation o
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -245,6 +246,27 @@ def check_inputs_apart(cfg: PrepareConfig) -> None:
                              "written would be read back as sources; write to a separate folder")
 
 
+@contextlib.contextmanager
+def output_folder(out: Path, recipe: str, extra: dict, remove_temp=None, what: str = "temp files"):
+    """``out`` made and locked for one `prepare` run (image pairs or video clips): what a killed run left is
+    removed, the manifest read (a torn last line cut) and checked to be of the same recipe and settings.
+    Yields ``(writer, existing records)``; the temp files are removed again and the lock released at the end."""
+    remove_temp = remove_temp or remove_temp_files
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = out / "manifest.jsonl"
+    writer = ManifestWriter(manifest)  # the lock: one writer per folder
+    try:
+        removed = remove_temp(out)
+        if removed:
+            print(f"prepare: removed {removed} {what} left in {out} by an interrupted run")
+        existing = read_manifest(manifest, repair=True)
+        check_resume_recipe(manifest, existing, recipe, extra)
+        yield writer, existing
+    finally:
+        remove_temp(out)  # those of workers stopped by an error
+        writer.close()
+
+
 def prepare_pairs(cfg: PrepareConfig) -> dict:
     """Run `prepare`; returns the stats written to report.json. Raises if nothing usable exists."""
     out = Path(cfg.output_dir)
@@ -252,24 +274,15 @@ def prepare_pairs(cfg: PrepareConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         return import_paired(cfg)
     _check_settings(cfg)
-    out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.jsonl"
-    writer = ManifestWriter(manifest_path)  # the lock: one writer per folder
-    try:
-        removed = remove_temp_files(out)
-        if removed:
-            print(f"prepare: removed {removed} temp files left in {out} by an interrupted run")
-        existing = read_manifest(manifest_path, repair=True)
-        d = cfg.degradation
-        check_resume_recipe(manifest_path, existing, recipe_name(d.usm_gt, d.degrade_sharpened),
-                            {"share_draws_every": cfg.share_draws_every, "settings_hash": settings_hash(cfg)})
+    d = cfg.degradation
+    with output_folder(out, recipe_name(d.usm_gt, d.degrade_sharpened),
+                       {"share_draws_every": cfg.share_draws_every, "settings_hash": settings_hash(cfg)}) as (
+            writer, existing):
         done, entries = {r["id"] for r in existing}, []
         jobs = _jobs(cfg, done, entries)
         start = time.perf_counter()
         made = _run(jobs, cfg, writer, entries)
-    finally:
-        remove_temp_files(out)  # those of workers stopped by an error
-        writer.close()
     seconds = time.perf_counter() - start
     records = read_manifest(manifest_path)
     entries = _with_earlier_conversions(entries, records)

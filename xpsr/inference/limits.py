@@ -37,18 +37,43 @@ def check_size(name: str, height: int, width: int, cfg: Any) -> None:
                           f"{cfg.max_process_pixels:,}; crop or pad the image, or raise max_process_pixels")
 
 
+def header_size(path: Path) -> tuple[int, int] | None:
+    """(height, width) from the file header alone; None when the header cannot be read (left to the decoder,
+    which names the problem). Pillow's DecompressionBombError goes to the caller."""
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+    except Image.DecompressionBombError:
+        raise
+    except (OSError, SyntaxError, ValueError):
+        return None
+    return height, width
+
+
+def processing_sizes(paths: list[Path], cfg: Any, multiple: int) -> list[tuple[int, int]]:
+    """The (h, w) each image is processed at, from the file headers (no decoding; unreadable ones and bombs left
+    out: they fail on their turn with their own message)."""
+    sizes = []
+    for path in paths:
+        try:
+            size = header_size(path)
+        except Image.DecompressionBombError:
+            continue
+        if size is not None:
+            sizes.append(output_size(*size, cfg, multiple)[1])
+    return sizes
+
+
 def header_check(path: Path, cfg: Any, name: str | None = None) -> None:
     """The size limits from the file header alone, so a huge image is refused before it is decoded (an
     unreadable header is left to the decoder, which names the problem)."""
     name = name or shown(path)
     try:
-        with Image.open(path) as im:
-            width, height = im.size
+        size = header_size(path)
     except Image.DecompressionBombError as e:
         raise SizeRefused(f"{name}: refused before decoding, over Pillow's decompression-bomb limit ({e})") from e
-    except (OSError, SyntaxError, ValueError):
-        return
-    check_size(name, height, width, cfg)  # EXIF rotation swaps the sides: pixel counts are the same
+    if size is not None:
+        check_size(name, *size, cfg)  # EXIF rotation swaps the sides: pixel counts are the same
 
 
 def checked(image, source: Any, cfg: Any):

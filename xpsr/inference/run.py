@@ -29,8 +29,8 @@ from xpsr.config import InferConfig, ModelConfig, OneStepConfig
 from xpsr.data.images import IMAGE_SUFFIXES, ImageError, file_hash, list_images, load_rgb, save_png_atomic
 from xpsr.errors import DiskFullError, XPSRError, is_disk_full, shown
 from xpsr.inference.claims import FolderSession, release_claim, try_claim
-from xpsr.inference.limits import SizeRefused, check_size, header_check  # noqa: F401 - shared by every face
-from xpsr.inference.pipeline import content_prompt_used, output_size, super_resolve
+from xpsr.inference.limits import SizeRefused, check_size, header_check, processing_sizes  # noqa: F401 - shared
+from xpsr.inference.pipeline import content_prompt_used, super_resolve
 from xpsr.inference.trained_settings import mark_student, resolve_settings, settings_of
 from xpsr.models.build import DTYPES, XPSRModules, build_xpsr, load_base, vae_scale_factor
 
@@ -221,20 +221,6 @@ def _is_per_image(e: BaseException) -> bool:
         return True
     return isinstance(e, torch.cuda.OutOfMemoryError) or (
         isinstance(e, RuntimeError) and ("out of memory" in str(e).lower() or "can't allocate memory" in str(e)))
-
-
-def processing_sizes(paths: list[Path], cfg: InferConfig, multiple: int) -> list[tuple[int, int]]:
-    """The (h, w) each image is processed at, from the file headers (no decoding; unreadable ones left out:
-    they fail on their turn with their own message)."""
-    sizes = []
-    for path in paths:
-        try:
-            with Image.open(path) as im:
-                w, h = im.size
-        except (OSError, ValueError, Image.DecompressionBombError):
-            continue
-        sizes.append(output_size(h, w, cfg, multiple)[1])
-    return sizes
 
 
 def _list_inputs(cfg: InferConfig) -> tuple[list[Path], Path, Path]:

@@ -36,14 +36,13 @@ from xpsr.data.manifest import (
     DiskFullError,
     ManifestWriter,
     NothingUsableError,
-    check_resume_recipe,
     read_manifest,
     recipe_name,
     remove_temp_files,
     reporting_disk_full,
     write_report,
 )
-from xpsr.data.pairs import check_inputs_apart, init_worker
+from xpsr.data.pairs import check_inputs_apart, init_worker, output_folder
 from xpsr.video.roundtrip import CodecError, codec_roundtrip
 from xpsr.video.source import Clip, VideoError
 from xpsr.video.training_inputs import ClipJob, frame_id, plan_clips, skip_input
@@ -192,23 +191,13 @@ def prepare_clips(cfg: PrepareConfig) -> dict:
     """Run `prepare` on videos; returns the stats written to report.json. Raises if no clip exists at the end."""
     _check(cfg)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = out / "manifest.jsonl"
-    writer = ManifestWriter(manifest)  # the lock: one writer per folder
-    try:
-        removed = remove_temp_clips(out)
-        if removed:
-            print(f"prepare: removed {removed} temp clips/files left in {out} by an interrupted run")
-        existing = read_manifest(manifest, repair=True)
-        check_resume_recipe(manifest, existing, recipe(cfg), {"settings_hash": settings_hash(cfg)})
+    with output_folder(out, recipe(cfg), {"settings_hash": settings_hash(cfg)}, remove_temp_clips,
+                       "temp clips/files") as (writer, existing):
         done, entries = {r["id"] for r in existing}, []
         jobs, finished = plan_clips(cfg, done, entries)
         start = time.perf_counter()
         made, frames = _run(cfg, jobs, done, writer, entries)
         seconds = time.perf_counter() - start
-    finally:
-        remove_temp_clips(out)
-        writer.close()
     return _report(cfg, out, entries, {"clips_made": made, "frames_made": frames, "clips_skipped_as_done": finished,
                                        "seconds": round(seconds, 3)})
 

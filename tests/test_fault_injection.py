@@ -96,8 +96,9 @@ def test_a_kill_that_finds_the_work_done_is_a_miss(tmp_path):
     def fake(rc_after_kill):
         state = {"rc": None}
 
-        def kill():
+        def kill():  # as kill_one_rank: the launcher's exit code says whether the rank was still working
             state["rc"] = rc_after_kill
+            return rc_after_kill != 0
         return Run(0, lambda: state["rc"], kill, lambda timeout=None: state["rc"])
 
     assert not watch(fake(0), tmp_path, kill_at_s=0.0).killed

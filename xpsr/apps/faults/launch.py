@@ -51,8 +51,9 @@ class Run:
         """The exit code, or None while it runs (a SIGKILLed run reports -9)."""
         return self._poll()
 
-    def kill(self) -> None:
-        self._kill()
+    def kill(self) -> bool:
+        """SIGKILL the run; False when the kill found the work already done (see :func:`kill_one_rank`)."""
+        return self._kill() is not False
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Wait for the exit; returns the exit code, or None if it still runs after ``timeout`` seconds."""
@@ -122,16 +123,19 @@ def kill_one_rank(proc: subprocess.Popen, kill_all, log: Path) -> None:
     workers = worker_pids(proc.pid)
     if not workers:
         kill_all()
-        return
+        return True
     with contextlib.suppress(ProcessLookupError):
         os.kill(workers[-1], signal.SIGKILL)
     try:
-        proc.wait(LAUNCHER_GRACE_S)
+        # torchrun ending the job cleanly means the rank was already past its work (CI once saw it between its
+        # last write and its exit): nothing was interrupted, a miss
+        return proc.wait(LAUNCHER_GRACE_S) != 0
     except subprocess.TimeoutExpired:
         kill_all()
         with open(log, "ab") as f:
             f.write(f"\nfault injection: torchrun did not stop the job {LAUNCHER_GRACE_S:.0f}s after rank pid "
                     f"{workers[-1]} was killed\n".encode())
+        return True
 
 
 def _run_cli(argv: list[str], log: str) -> None:
@@ -230,8 +234,8 @@ def watch(run: Run, root: Path, kill_at_s: float | None = None, kill_at_write: i
           poll_s: float = 0.002, timeout_s: float = 3600.0) -> Watch:
     """Follow ``run`` to its end, counting writes under ``root`` (a file or folder that appears or
     changes size/mtime between two polls); SIGKILL it at ``kill_at_s`` seconds or at the
-    ``kill_at_write``-th write seen. A run that ends first, or that still exits 0 after the kill, was not
-    killed (a miss)."""
+    ``kill_at_write``-th write seen. A run that ends first, or whose kill reports that it found the work done,
+    was not killed (a miss)."""
     try:
         return _follow(run, root, kill_at_s, kill_at_write, poll_s, timeout_s)
     except BaseException:  # the campaign itself interrupted (Ctrl-C, SIGTERM): leave no stage running
@@ -257,9 +261,6 @@ def _follow(run: Run, root: Path, kill_at_s: float | None, kill_at_write: int | 
             before = now
         if (kill_at_write is not None and len(writes) >= kill_at_write) or \
                 (kill_at_s is not None and t >= kill_at_s):
-            run.kill()
-            rc = run.wait()
-            # a SIGKILL that found the work already done (a rank between its last write and its exit, which
-            # the launcher then reports as a clean end) interrupted nothing: a miss, drawn again by the caller
-            return Watch(rc, rc != 0, t, writes)
+            interrupted = run.kill()  # False: the kill found the work done, a miss drawn again by the caller
+            return Watch(run.wait(), interrupted, t, writes)
         time.sleep(poll_s)
